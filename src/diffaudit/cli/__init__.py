@@ -1,0 +1,56 @@
+"""The ``diffaudit`` command line: a thin typer app.
+
+Each command lives in its own module here, which defines ``register(app)``; the modules are listed in
+``_COMMAND_MODULES``. Commands parse options, build configs, call the library and print; they hold no logic.
+User errors (:class:`~diffaudit.errors.DiffauditError`) become one red line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+from rich.console import Console
+
+from diffaudit.errors import DiffauditError
+
+app = typer.Typer(
+    name="diffaudit",
+    help="Audit image diffusion models for training-data regurgitation and self-consuming collapse.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+# One module per command (group); each defines register(app: typer.Typer) -> None.
+_COMMAND_MODULES = [
+    "data",
+    "train",
+    "sample",
+]
+
+for _name in _COMMAND_MODULES:
+    importlib.import_module(f"diffaudit.cli.{_name}").register(app)
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turning user errors into a clear message and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except DiffauditError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
