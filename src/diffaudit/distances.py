@@ -2,21 +2,22 @@
 
 Three metrics share one implementation:
 
-* ``"l2"``: Carlini et al.'s normalized L2 between images in [0, 1], ``sqrt(sum((a - b)^2) / d)`` with ``d`` the
-  number of values per image. Inputs are ``(N, ...)`` (normally ``(N, C, H, W)``), ``uint8`` (scaled by 1/255) or
-  float in [0, 1].
-* ``"tiled"``: split each ``(C, H, W)`` image into ``grid x grid`` non-overlapping tiles and take the maximum
-  over tiles of the normalized L2 of corresponding tiles (Carlini et al. Sec. 4; ``grid=4`` gives 16 tiles).
+* ``"l2"``: Carlini et al.'s normalized L2 between images in [0, 1], ``sqrt(sum((a - b)^2) / d)``
+  with ``d`` the number of values per image. Inputs are ``(N, ...)`` (normally ``(N, C, H, W)``),
+  ``uint8`` (scaled by 1/255) or float in [0, 1].
+* ``"tiled"``: split each ``(C, H, W)`` image into ``grid x grid`` non-overlapping tiles and take the
+  maximum over tiles of the normalized L2 of corresponding tiles (Carlini et al. Sec. 4; ``grid=4``
+  gives 16 tiles).
 * ``"euclidean"``: plain Euclidean distance between feature vectors ``(N, D)``, no scaling and no
   normalization; this is what the distribution metrics (precision/recall, density/coverage) use.
 
-The fast path is the ``|a|^2 + |b|^2 - 2ab`` identity with a float32 (batched, one batch per tile) matmul. That
-identity cancels catastrophically for near-copies (two 3x512x512 images 0.75 vs 0.75 + 1e-5 come out at 3.75e-3
-instead of 1e-5), which are exactly what an audit looks for. So (1) both sets are centred on the reference
-mean first, which shrinks the norms that cancel, and (2) every distance that is returned, or compared with a
-threshold, and whose fast value is below ``recompute_below`` or within the float32 error band, is recomputed from
-direct differences (in float64). Returned distances of :func:`nearest_neighbors` are always
-exact in that sense.
+The fast path is the ``|a|^2 + |b|^2 - 2ab`` identity with a float32 (batched, one batch per tile)
+matmul. That identity cancels catastrophically for near-copies (two 3x512x512 images 0.75 vs
+0.75 + 1e-5 come out at 3.75e-3 instead of 1e-5), which are exactly what an audit looks for. So
+(1) both sets are centred on the reference mean first, which shrinks the norms that cancel, and
+(2) every distance that is returned, or compared with a threshold, and whose fast value is below
+``recompute_below`` or within the float32 error band, is recomputed from direct differences in
+float64. Returned distances of :func:`nearest_neighbors` are always exact in that sense.
 
 Everything streams over blocks of rows, and converts ``uint8`` to float one block at a time, so
 100,000 x 100,000 image searches run in memory bounded by the block sizes, not by N x M.
@@ -37,12 +38,12 @@ from diffaudit.errors import ConfigError, DataError
 METRICS = ("l2", "tiled", "euclidean")
 #: Default number of rows per block (query and reference).
 DEFAULT_BLOCK = 1024
-#: Default threshold (in the metric's units) below which fast distances are recomputed exactly. Everything near
-#: the extraction threshold delta = 0.15 must be exact.
+#: Default threshold (in the metric's units) below which fast distances are recomputed exactly.
+#: Everything near the extraction threshold delta = 0.15 must be exact.
 DEFAULT_RECOMPUTE_BELOW = 0.2
-# Relative error band of the fast path: a float32 matmul squared distance is trusted only when it is farther than
-# _REL_TOL * (|a|^2 + |b|^2) from the value it is compared with. Typical float32 dot errors are ~sqrt(d) * 6e-8,
-# so 1e-4 leaves a wide margin while recomputing only a tiny fraction of pairs.
+# Relative error band of the fast path: a float32 matmul squared distance is trusted only when it is
+# farther than _REL_TOL * (|a|^2 + |b|^2) from the value it is compared with. Typical float32 dot
+# errors are ~sqrt(d) * 6e-8, so 1e-4 leaves a wide margin while recomputing few pairs.
 _REL_TOL = 1e-4
 # Images whose float values leave [0, 1] by more than this are rejected (a [-1, 1] tensor would silently give
 # distances twice too large).
@@ -151,36 +152,60 @@ def _load(x: ArrayLike, rows: slice | np.ndarray | torch.Tensor, geom: _Geometry
 
 
 def _center(x: ArrayLike, geom: _Geometry, block: int, name: str) -> torch.Tensor:
-    """Mean row of ``x`` (float64, shape row_shape), streamed over blocks."""
+    """Mean row of ``x`` (float32, shape row_shape), streamed over blocks with a float64 sum."""
     total = torch.zeros(geom.row_shape, dtype=torch.float64)
     for i0 in range(0, len(x), block):
         total += _load(x, slice(i0, i0 + block), geom, name).to(torch.float64).sum(0)
-    return total / max(len(x), 1)
+    # Any centre works (distances are translation invariant) as long as both sets use the same one; a float32
+    # centre keeps every centred value correctly rounded.
+    return (total / max(len(x), 1)).to(torch.float32)
 
 
-def _tiles(xb: torch.Tensor, geom: _Geometry, center: torch.Tensor) -> torch.Tensor:
-    """Centred rows as (tiles, b, tile_dim) float32, contiguous per tile for the batched matmul."""
-    # Subtract in float64 so the centred values are correctly rounded (no extra error near-copies would feel).
-    c = (xb.to(torch.float64) - center).to(torch.float32)
+@dataclass(frozen=True)
+class _Operand:
+    """One block ready for the fused matmul: (tiles, b, tile_dim + 2) float32 and its largest tile norm."""
+
+    data: torch.Tensor
+    max_norm: float
+
+
+def _operand(xb: torch.Tensor, geom: _Geometry, center: torch.Tensor, side: str) -> _Operand:
+    """Centre a block, cut it into tiles, and append the norm columns of the fused distance matmul.
+
+    Query rows become ``[q, |q|^2, 1]`` and reference rows ``[-2r, 1, |r|^2]``, so one (batched) matmul
+    yields ``|q|^2 + |r|^2 - 2 q.r`` per tile with no extra passes over the (bq, br) result.
+    """
+    c = xb - center
     b = c.shape[0]
-    if geom.metric != "tiled":
-        return c.reshape(1, b, geom.tile_dim)
-    ch, h, w = geom.row_shape
-    g = geom.grid
-    c = c.reshape(b, ch, g, h // g, g, w // g).permute(2, 4, 0, 1, 3, 5)
-    return c.reshape(geom.tiles, b, geom.tile_dim).contiguous()
+    out = torch.empty((geom.tiles, b, geom.tile_dim + 2), dtype=torch.float32)
+    body = out[:, :, : geom.tile_dim]
+    if geom.metric == "tiled":
+        ch, h, w = geom.row_shape
+        g = geom.grid
+        body.copy_(
+            c.reshape(b, ch, g, h // g, g, w // g).permute(2, 4, 0, 1, 3, 5).reshape(geom.tiles, b, -1)
+        )
+    else:
+        body.copy_(c.reshape(1, b, geom.tile_dim))
+    norms = (body * body).sum(-1)  # (T, b)
+    if side == "query":
+        out[:, :, -2] = norms
+        out[:, :, -1] = 1.0
+    else:
+        body.mul_(-2.0)
+        out[:, :, -2] = 1.0
+        out[:, :, -1] = norms
+    return _Operand(out, float(norms.max()) if norms.numel() else 0.0)
 
 
-def _fast_sq(qt: torch.Tensor, rt: torch.Tensor, geom: _Geometry) -> tuple[torch.Tensor, float]:
-    """Fast squared distances (bq, br) float32 (max over tiles) and the scalar error band around them."""
-    nq = (qt * qt).sum(-1)  # (T, bq)
-    nr = (rt * rt).sum(-1)  # (T, br)
-    out = torch.baddbmm(nq.unsqueeze(2), qt, rt.transpose(1, 2), alpha=-2.0)  # (T, bq, br)
-    out.add_(nr.unsqueeze(1))
-    sq = out[0] if geom.tiles == 1 else out.amax(0)
-    sq.clamp_min_(0.0).mul_(geom.scale)
-    band = _REL_TOL * (float(nq.max()) + float(nr.max())) * geom.scale if nq.numel() and nr.numel() else 0.0
-    return sq, band
+def _fast_sq(q: _Operand, r: _Operand, geom: _Geometry) -> tuple[torch.Tensor, float]:
+    """Fast squared distances (bq, br) float32, max over tiles, and the scalar error band around them.
+
+    Both are in *unscaled* units: times ``geom.scale`` gives the metric's squared distance.
+    """
+    prod = torch.bmm(q.data, r.data.transpose(1, 2))  # (T, bq, br)
+    sq = prod[0] if geom.tiles == 1 else prod.amax(0)
+    return sq, _REL_TOL * (q.max_norm + r.max_norm)
 
 
 def _exact_rows_sq(a: torch.Tensor, b: torch.Tensor, geom: _Geometry) -> torch.Tensor:
@@ -252,7 +277,8 @@ def tiled_l2(a: ArrayLike, b: ArrayLike, grid: int = 4) -> np.ndarray:
     """Tiled L2 of corresponding pairs: max over ``grid x grid`` tiles of the tiles' normalized L2.
 
     Args:
-        a, b: images ``(N, C, H, W)``, same shape, ``uint8`` or float in [0, 1]; H and W divisible by ``grid``.
+        a, b: images ``(N, C, H, W)``, same shape, ``uint8`` or float in [0, 1];
+            H and W divisible by ``grid``.
         grid: tiles per side (4 gives Carlini et al.'s 16 tiles).
 
     Returns:
@@ -293,14 +319,15 @@ def pairwise_distances(
     _check_rows(y, "y")
     center = _center(y, geom, block, "y")
     out = np.empty((len(x), len(y)), dtype=np.float32)
-    thr_sq = float(recompute_below) ** 2
+    thr_sq = float(recompute_below) ** 2 / geom.scale  # in the unscaled units of _fast_sq
     for i0 in range(0, len(x), block):
         qb = _load(x, slice(i0, i0 + block), geom, "x")
-        qt = _tiles(qb, geom, center)
+        q = _operand(qb, geom, center, "query")
         for j0 in range(0, len(y), block):
             rb = _load(y, slice(j0, j0 + block), geom, "y")
-            sq, band = _fast_sq(qt, _tiles(rb, geom, center), geom)
-            qi, rj = torch.nonzero(sq < max(thr_sq, band), as_tuple=True)
+            sq, band = _fast_sq(q, _operand(rb, geom, center, "ref"), geom)
+            sq.clamp_min_(0.0).mul_(geom.scale)
+            qi, rj = torch.nonzero(sq < max(thr_sq, band) * geom.scale, as_tuple=True)
             if len(qi):
                 sq[qi, rj] = _exact_block_sq(qb, rb, qi, rj, geom).to(torch.float32)
             out[i0 : i0 + len(qb), j0 : j0 + len(rb)] = sq.sqrt_().numpy()
@@ -352,22 +379,25 @@ def _knn_sq(
     for i0 in range(0, len(query), block_q):
         qb = _load(query, slice(i0, i0 + block_q), geom, "query")
         bq = len(qb)
-        qt = _tiles(qb, geom, center)
+        q = _operand(qb, geom, center, "query")
         best_sq = torch.empty((bq, 0), dtype=torch.float32)
         best_idx = torch.empty((bq, 0), dtype=torch.int64)
         for j0 in range(0, len(ref), block_r):
             rb = _load(ref, slice(j0, j0 + block_r), geom, "ref")
-            sq, _ = _fast_sq(qt, _tiles(rb, geom, center), geom)
+            sq, _ = _fast_sq(q, _operand(rb, geom, center, "ref"), geom)
             if exclude_self:
                 lo, hi = max(i0, j0), min(i0 + bq, j0 + len(rb))
                 if lo < hi:
                     diag = torch.arange(lo, hi)
                     sq[diag - i0, diag - j0] = math.inf
-            idx = torch.arange(j0, j0 + len(rb)).expand(bq, -1)
-            cand_sq = torch.cat([best_sq, sq], 1)
-            cand_idx = torch.cat([best_idx, idx], 1)
-            top = torch.topk(cand_sq, min(keep, cand_sq.shape[1]), dim=1, largest=False, sorted=False)
-            best_sq, best_idx = top.values, torch.gather(cand_idx, 1, top.indices)
+            # Top-k inside the block, then merge with the running top-k (small): no (bq, br) index matrix.
+            top = torch.topk(sq, min(keep, sq.shape[1]), dim=1, largest=False, sorted=False)
+            cand_sq = torch.cat([best_sq, top.values], 1)
+            cand_idx = torch.cat([best_idx, top.indices + j0], 1)
+            if cand_sq.shape[1] > keep:
+                top = torch.topk(cand_sq, keep, dim=1, largest=False, sorted=False)
+                cand_sq, cand_idx = top.values, torch.gather(cand_idx, 1, top.indices)
+            best_sq, best_idx = cand_sq, cand_idx
         # Exact recompute of every kept candidate, chunked so memory stays bounded.
         flat_q = torch.arange(bq).repeat_interleave(keep)
         flat_r = best_idx.reshape(-1)
@@ -451,7 +481,8 @@ def knn_radii(
         metric, grid, block: as in :func:`nearest_neighbors`.
 
     Returns:
-        float64 array ``(N,)`` of exact distances (float64 so comparisons with exact distances are consistent).
+        float64 array ``(N,)`` of exact distances (float64, so comparisons with other exact
+        distances are consistent).
     """
     geom = _geometry(metric, grid, x)
     block = _check_block(block, "block")
@@ -491,15 +522,15 @@ def count_within_radii(
     radii64 = torch.as_tensor(np.asarray(ref_radii, dtype=np.float64))
     if radii64.shape != (len(ref),):
         raise DataError(f"ref_radii has shape {tuple(radii64.shape)}, expected ({len(ref)},)")
-    radii_sq = (radii64 * radii64).to(torch.float32)
+    radii_sq = (radii64 * radii64 / geom.scale).to(torch.float32)  # unscaled units of _fast_sq
     center = _center(ref, geom, block_r, "ref")
     counts = np.zeros(len(query), dtype=np.int64)
     for i0 in range(0, len(query), block_q):
         qb = _load(query, slice(i0, i0 + block_q), geom, "query")
-        qt = _tiles(qb, geom, center)
+        q = _operand(qb, geom, center, "query")
         for j0 in range(0, len(ref), block_r):
             rb = _load(ref, slice(j0, j0 + block_r), geom, "ref")
-            sq, band = _fast_sq(qt, _tiles(rb, geom, center), geom)
+            sq, band = _fast_sq(q, _operand(rb, geom, center, "ref"), geom)
             r2 = radii_sq[j0 : j0 + len(rb)].unsqueeze(0)
             # Widen the band by the float32 rounding of the squared radii themselves.
             unsure = (sq - r2).abs_() <= band + 1e-6 * r2
