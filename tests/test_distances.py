@@ -88,10 +88,12 @@ def test_cancellation_inside_a_mixed_set() -> None:
     rng = np.random.default_rng(2)
     ref = (rng.random((20, 3, 16, 16)) * 0.2).astype(np.float32)
     ref[7] = 0.9
+    ref[12] = ref[7] + np.float32(3e-5)
     q = ref[7:8] + np.float32(1e-5)
-    dist, idx = D.nearest_neighbors(q, ref, k=2)
-    assert idx[0, 0] == 7
-    assert dist[0, 0] == pytest.approx(1e-5, rel=1e-2)
+    dist, idx = D.nearest_neighbors(q, ref, k=2, block_r=5)
+    # The fast pass cannot tell 1e-5 from 2e-5; the exact re-ranking must.
+    np.testing.assert_array_equal(idx[0], [7, 12])
+    np.testing.assert_allclose(dist[0], [1e-5, 2e-5], rtol=2e-2)
     assert D.pairwise_tiled_l2(q, ref)[0, 7] == pytest.approx(1e-5, rel=1e-2)
 
 
@@ -217,3 +219,18 @@ def test_property_pairwise_matches_elementwise(n: int, m: int, block: int, seed:
     for i in range(n):
         want = D.tiled_l2(np.repeat(x[i : i + 1], m, 0), y, grid=2)
         np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-9)
+
+
+def test_streamed_reference_equals_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small reference sets are converted once and cached; large ones are streamed. Both must agree exactly.
+    rng = np.random.default_rng(8)
+    q = rng.integers(0, 256, (9, 3, 8, 8), dtype=np.uint8)
+    r = rng.integers(0, 256, (14, 3, 8, 8), dtype=np.uint8)
+    r[5] = q[2]
+    cached = (D.nearest_neighbors(q, r, k=3, metric="tiled", block_r=4), D.pairwise_l2(q, r, block=4))
+    monkeypatch.setattr(D, "REF_CACHE_BYTES", 0)
+    streamed = (D.nearest_neighbors(q, r, k=3, metric="tiled", block_r=4), D.pairwise_l2(q, r, block=4))
+    np.testing.assert_array_equal(cached[0][0], streamed[0][0])
+    np.testing.assert_array_equal(cached[0][1], streamed[0][1])
+    np.testing.assert_array_equal(cached[1], streamed[1])
+    assert streamed[0][1][2, 0] == 5 and streamed[0][0][2, 0] == 0.0

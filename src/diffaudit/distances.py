@@ -50,6 +50,9 @@ _REL_TOL = 1e-4
 _RANGE_TOL = 1e-5
 # Elements per chunk when recomputing pairs by direct differences (bounds memory of the exact path).
 _PAIR_CHUNK_ELEMS = 1 << 22
+#: Reference sets whose float32 matmul operands fit in this many bytes are converted once and kept;
+#: larger ones are re-read block by block for every block of queries, so memory stays bounded.
+REF_CACHE_BYTES = 512 * 2**20
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -152,13 +155,12 @@ def _load(x: ArrayLike, rows: slice | np.ndarray | torch.Tensor, geom: _Geometry
 
 
 def _center(x: ArrayLike, geom: _Geometry, block: int, name: str) -> torch.Tensor:
-    """Mean row of ``x`` (float32, shape row_shape), streamed over blocks with a float64 sum."""
-    total = torch.zeros(geom.row_shape, dtype=torch.float64)
-    for i0 in range(0, len(x), block):
-        total += _load(x, slice(i0, i0 + block), geom, name).to(torch.float64).sum(0)
-    # Any centre works (distances are translation invariant) as long as both sets use the same one; a float32
-    # centre keeps every centred value correctly rounded.
-    return (total / max(len(x), 1)).to(torch.float32)
+    """A centre for both sets (float32, shape row_shape): the mean of the first block of ``x``.
+
+    Distances are translation invariant, so any centre is correct; one near the data shrinks the norms that
+    cancel in the fast path, and the first block's mean does that without a full pass over ``x``.
+    """
+    return _load(x, slice(0, block), geom, name).mean(0, dtype=torch.float64).to(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -175,18 +177,19 @@ def _operand(xb: torch.Tensor, geom: _Geometry, center: torch.Tensor, side: str)
     Query rows become ``[q, |q|^2, 1]`` and reference rows ``[-2r, 1, |r|^2]``, so one (batched) matmul
     yields ``|q|^2 + |r|^2 - 2 q.r`` per tile with no extra passes over the (bq, br) result.
     """
-    c = xb - center
-    b = c.shape[0]
+    b = xb.shape[0]
     out = torch.empty((geom.tiles, b, geom.tile_dim + 2), dtype=torch.float32)
     body = out[:, :, : geom.tile_dim]
+    # Centre and re-lay out in one pass, writing straight into the operand (no intermediate copies).
     if geom.metric == "tiled":
         ch, h, w = geom.row_shape
         g = geom.grid
-        body.copy_(
-            c.reshape(b, ch, g, h // g, g, w // g).permute(2, 4, 0, 1, 3, 5).reshape(geom.tiles, b, -1)
-        )
+        dst = body.view(g, g, b, ch, h // g, w // g)  # view, never a copy: we write through it
+        perm = (2, 4, 0, 1, 3, 5)
+        src = xb.reshape(b, ch, g, h // g, g, w // g).permute(perm)
+        torch.sub(src, center.reshape(1, ch, g, h // g, g, w // g).permute(perm), out=dst)
     else:
-        body.copy_(c.reshape(1, b, geom.tile_dim))
+        torch.sub(xb.reshape(1, b, geom.tile_dim), center.reshape(1, 1, geom.tile_dim), out=body)
     norms = (body * body).sum(-1)  # (T, b)
     if side == "query":
         out[:, :, -2] = norms
@@ -226,15 +229,33 @@ def _chunk(geom: _Geometry) -> int:
     return max(1, _PAIR_CHUNK_ELEMS // int(np.prod(geom.row_shape)))
 
 
-def _exact_block_sq(
-    qb: torch.Tensor, rb: torch.Tensor, qi: torch.Tensor, rj: torch.Tensor, geom: _Geometry
+def _exact_pairs(
+    qb: torch.Tensor, qi: torch.Tensor, ref: ArrayLike, rj: torch.Tensor, geom: _Geometry
 ) -> torch.Tensor:
-    """Exact squared distances for pairs (qi[p], rj[p]) of two loaded blocks: float64 (P,)."""
+    """Exact squared distances for pairs (qb[qi[p]], ref[rj[p]]), loading the ref rows: float64 (P,)."""
     out = torch.empty(len(qi), dtype=torch.float64)
     step = _chunk(geom)
     for s in range(0, len(qi), step):
-        out[s : s + step] = _exact_rows_sq(qb[qi[s : s + step]], rb[rj[s : s + step]], geom)
+        sl = slice(s, s + step)
+        out[sl] = _exact_rows_sq(qb[qi[sl]], _load(ref, rj[sl], geom, "ref"), geom)
     return out
+
+
+class _RefBlocks:
+    """The reference set as (first row, matmul operand) blocks; converted once if within REF_CACHE_BYTES."""
+
+    def __init__(self, ref: ArrayLike, geom: _Geometry, center: torch.Tensor, block: int) -> None:
+        self._ref, self._geom, self._center, self._block = ref, geom, center, block
+        size = len(ref) * geom.tiles * (geom.tile_dim + 2) * 4
+        self._cache = list(self._load_all()) if size <= REF_CACHE_BYTES else None
+
+    def _load_all(self):  # noqa: ANN202 - a generator of (int, _Operand)
+        for j0 in range(0, len(self._ref), self._block):
+            rb = _load(self._ref, slice(j0, j0 + self._block), self._geom, "ref")
+            yield j0, _operand(rb, self._geom, self._center, "ref")
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._cache) if self._cache is not None else self._load_all()
 
 
 def _check_block(block: int, name: str) -> int:
@@ -318,19 +339,19 @@ def pairwise_distances(
     _check_rows(x, "x")
     _check_rows(y, "y")
     center = _center(y, geom, block, "y")
+    ref_blocks = _RefBlocks(y, geom, center, block)
     out = np.empty((len(x), len(y)), dtype=np.float32)
     thr_sq = float(recompute_below) ** 2 / geom.scale  # in the unscaled units of _fast_sq
     for i0 in range(0, len(x), block):
         qb = _load(x, slice(i0, i0 + block), geom, "x")
         q = _operand(qb, geom, center, "query")
-        for j0 in range(0, len(y), block):
-            rb = _load(y, slice(j0, j0 + block), geom, "y")
-            sq, band = _fast_sq(q, _operand(rb, geom, center, "ref"), geom)
+        for j0, r in ref_blocks:
+            sq, band = _fast_sq(q, r, geom)
             sq.clamp_min_(0.0).mul_(geom.scale)
             qi, rj = torch.nonzero(sq < max(thr_sq, band) * geom.scale, as_tuple=True)
             if len(qi):
-                sq[qi, rj] = _exact_block_sq(qb, rb, qi, rj, geom).to(torch.float32)
-            out[i0 : i0 + len(qb), j0 : j0 + len(rb)] = sq.sqrt_().numpy()
+                sq[qi, rj] = _exact_pairs(qb, qi, y, rj + j0, geom).to(torch.float32)
+            out[i0 : i0 + len(qb), j0 : j0 + sq.shape[1]] = sq.sqrt_().numpy()
     return out
 
 
@@ -369,24 +390,25 @@ def _knn_sq(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact squared distances (Nq, k) float64 and indices (Nq, k) int64 of the k nearest ref rows."""
     center = _center(ref, geom, block_r, "ref")
+    ref_blocks = _RefBlocks(ref, geom, center, block_r)
     available = len(ref) - (1 if exclude_self else 0)
     # Keep extra candidates from the fast pass, then rank them by exact distance: the fast pass can misorder
     # near-copies whose distances differ by less than its float32 error.
     keep = min(k + max(k, 4), available)
     out_sq = np.empty((len(query), k), dtype=np.float64)
     out_idx = np.empty((len(query), k), dtype=np.int64)
-    step = _chunk(geom)
     for i0 in range(0, len(query), block_q):
         qb = _load(query, slice(i0, i0 + block_q), geom, "query")
         bq = len(qb)
         q = _operand(qb, geom, center, "query")
         best_sq = torch.empty((bq, 0), dtype=torch.float32)
         best_idx = torch.empty((bq, 0), dtype=torch.int64)
-        for j0 in range(0, len(ref), block_r):
-            rb = _load(ref, slice(j0, j0 + block_r), geom, "ref")
-            sq, _ = _fast_sq(q, _operand(rb, geom, center, "ref"), geom)
+        band = 0.0
+        for j0, r in ref_blocks:
+            sq, block_band = _fast_sq(q, r, geom)
+            band = max(band, block_band)
             if exclude_self:
-                lo, hi = max(i0, j0), min(i0 + bq, j0 + len(rb))
+                lo, hi = max(i0, j0), min(i0 + bq, j0 + sq.shape[1])
                 if lo < hi:
                     diag = torch.arange(lo, hi)
                     sq[diag - i0, diag - j0] = math.inf
@@ -398,14 +420,14 @@ def _knn_sq(
                 top = torch.topk(cand_sq, keep, dim=1, largest=False, sorted=False)
                 cand_sq, cand_idx = top.values, torch.gather(cand_idx, 1, top.indices)
             best_sq, best_idx = cand_sq, cand_idx
-        # Exact recompute of every kept candidate, chunked so memory stays bounded.
-        flat_q = torch.arange(bq).repeat_interleave(keep)
-        flat_r = best_idx.reshape(-1)
-        exact = torch.empty(len(flat_q), dtype=torch.float64)
-        for s in range(0, len(flat_q), step):
-            rows = _load(ref, flat_r[s : s + step], geom, "ref")
-            exact[s : s + step] = _exact_rows_sq(qb[flat_q[s : s + step]], rows, geom)
-        ex = exact.reshape(bq, keep).numpy()
+        # Exact recompute of the candidates that can still be among the k nearest: those whose fast distance
+        # is within twice the error band of the k-th fast distance (usually just k of them), chunked.
+        kth = best_sq.kthvalue(k, dim=1).values
+        need_q, need_c = torch.nonzero(best_sq <= (kth + 2 * band).unsqueeze(1), as_tuple=True)
+        flat_r = best_idx[need_q, need_c]
+        exact = torch.full((bq, keep), math.inf, dtype=torch.float64)
+        exact[need_q, need_c] = _exact_pairs(qb, need_q, ref, flat_r, geom)
+        ex = exact.numpy()
         ids = best_idx.numpy()
         order = np.lexsort((ids, ex), axis=-1)[:, :k]  # by distance, ties by index (deterministic)
         out_sq[i0 : i0 + bq] = np.take_along_axis(ex, order, 1)
@@ -524,21 +546,21 @@ def count_within_radii(
         raise DataError(f"ref_radii has shape {tuple(radii64.shape)}, expected ({len(ref)},)")
     radii_sq = (radii64 * radii64 / geom.scale).to(torch.float32)  # unscaled units of _fast_sq
     center = _center(ref, geom, block_r, "ref")
+    ref_blocks = _RefBlocks(ref, geom, center, block_r)
     counts = np.zeros(len(query), dtype=np.int64)
     for i0 in range(0, len(query), block_q):
         qb = _load(query, slice(i0, i0 + block_q), geom, "query")
         q = _operand(qb, geom, center, "query")
-        for j0 in range(0, len(ref), block_r):
-            rb = _load(ref, slice(j0, j0 + block_r), geom, "ref")
-            sq, band = _fast_sq(q, _operand(rb, geom, center, "ref"), geom)
-            r2 = radii_sq[j0 : j0 + len(rb)].unsqueeze(0)
+        for j0, r in ref_blocks:
+            sq, band = _fast_sq(q, r, geom)
+            r2 = radii_sq[j0 : j0 + sq.shape[1]].unsqueeze(0)
             # Widen the band by the float32 rounding of the squared radii themselves.
             unsure = (sq - r2).abs_() <= band + 1e-6 * r2
             sure_in = (sq < r2) & ~unsure
             c = sure_in.sum(1)
             qi, rj = torch.nonzero(unsure, as_tuple=True)
             if len(qi):
-                d = _exact_block_sq(qb, rb, qi, rj, geom).sqrt()
+                d = _exact_pairs(qb, qi, ref, rj + j0, geom).sqrt()
                 inside = d < radii64[j0 + rj]
                 c.index_add_(0, qi[inside], torch.ones(int(inside.sum()), dtype=c.dtype))
             counts[i0 : i0 + len(qb)] += c.numpy()
