@@ -145,10 +145,7 @@ def _load(x: ArrayLike, rows: slice | np.ndarray | torch.Tensor, geom: _Geometry
     block = x[rows]
     if geom.metric == "euclidean":
         t = _to_tensor(block, name)
-        if not (
-            t.is_floating_point()
-            or t.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-        ):
+        if not (t.is_floating_point() or t.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
             raise DataError(f"{name} must be numeric, got dtype {t.dtype}")
         return t.to(torch.float32)
     return as_unit_float(block, name)
@@ -229,9 +226,7 @@ def _chunk(geom: _Geometry) -> int:
     return max(1, _PAIR_CHUNK_ELEMS // int(np.prod(geom.row_shape)))
 
 
-def _exact_pairs(
-    qb: torch.Tensor, qi: torch.Tensor, ref: ArrayLike, rj: torch.Tensor, geom: _Geometry
-) -> torch.Tensor:
+def _exact_pairs(qb: torch.Tensor, qi: torch.Tensor, ref: ArrayLike, rj: torch.Tensor, geom: _Geometry) -> torch.Tensor:
     """Exact squared distances for pairs (qb[qi[p]], ref[rj[p]]), loading the ref rows: float64 (P,)."""
     out = torch.empty(len(qi), dtype=torch.float64)
     step = _chunk(geom)
@@ -477,9 +472,7 @@ def nearest_neighbors(
     _check_rows(query, "query")
     _check_rows(ref, "ref")
     if exclude_self and len(query) != len(ref):
-        raise DataError(
-            f"exclude_self needs query and ref to be one set; got {len(query)} and {len(ref)} rows"
-        )
+        raise DataError(f"exclude_self needs query and ref to be one set; got {len(query)} and {len(ref)} rows")
     k = _check_k(k, len(ref) - (1 if exclude_self else 0), "ref")
     sq, idx = _knn_sq(query, ref, k, geom, block_q, block_r, exclude_self)
     return np.sqrt(sq).astype(np.float32), idx

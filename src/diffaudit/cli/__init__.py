@@ -8,6 +8,7 @@ User errors (:class:`~diffaudit.errors.DiffauditError`) become one red line and 
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import typer
@@ -35,8 +36,14 @@ for _name in _COMMAND_MODULES:
     importlib.import_module(f"diffaudit.cli.{_name}").register(app)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C, so run directories record "interrupted" and temporary files are removed.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning user errors into a clear message and exit code 2."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app(standalone_mode=False)
     except DiffauditError as exc:
@@ -44,7 +51,7 @@ def main() -> None:
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
         sys.exit(130)
     except Exception as exc:  # click usage errors arrive here in non-standalone mode

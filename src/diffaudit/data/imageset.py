@@ -29,8 +29,14 @@ PROVENANCE_DEFAULTS: dict[str, object] = {
     "seed": -1,  # per-image sampling seed (-1: real)
     "tag": "",  # name of the tag embedded in it ("" when untagged)
 }
-_PROVENANCE_DTYPES = {"source": str, "synthetic": bool, "generation": np.int64, "model_id": str,
-                      "seed": np.int64, "tag": str}
+_PROVENANCE_DTYPES = {
+    "source": str,
+    "synthetic": bool,
+    "generation": np.int64,
+    "model_id": str,
+    "seed": np.int64,
+    "tag": str,
+}
 _FORMAT_VERSION = 1
 
 

@@ -1,0 +1,5 @@
+"""``python -m diffaudit`` runs the command line."""
+
+from diffaudit.cli import main
+
+main()

@@ -1,0 +1,212 @@
+"""The training loop: AdamW, EMA, warm-up, gradient clipping, atomic checkpoints, exact resume, progress.
+
+Reproducibility: step ``s`` draws its batch, timesteps, noise and label dropout from a generator seeded by
+``(seed, s)``, and its images from a per-epoch permutation seeded by ``(seed, epoch)``. Nothing depends on
+process history, so a run resumed from its last checkpoint ends exactly where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffaudit.config import Preset
+from diffaudit.data.imageset import ImageSet
+from diffaudit.errors import CheckpointError, ConfigError
+from diffaudit.io import atomic_write_json
+from diffaudit.models.checkpoint import load_model, save_model
+from diffaudit.models.diffusion import DiffusionModel
+from diffaudit.models.ema import EMA
+from diffaudit.progress import progress_bar
+from diffaudit.runs import RunDir
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.json"
+KEEP_CHECKPOINTS = 2
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Indices of the images in step ``step``'s batch: consecutive slices of per-epoch seeded permutations."""
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = np.divmod(positions, n)
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
+        mask = epochs == epoch
+        out[mask] = perm[offsets[mask]]
+    return out
+
+
+def check_compatible(model: DiffusionModel, data: ImageSet) -> None:
+    """Raise a ConfigError when ``data``'s image shape or classes do not fit ``model``."""
+    cfg = model.config
+    if data.shape != (cfg.channels, cfg.resolution, cfg.resolution):
+        raise ConfigError(
+            f"data images are {data.shape} (C, H, W) but the model expects "
+            f"({cfg.channels}, {cfg.resolution}, {cfg.resolution}); set data.resolution / data.channels"
+        )
+    if cfg.conditional and data.labels.max(initial=-1) >= cfg.num_classes:
+        raise ConfigError(f"data has label {data.labels.max()} but the model has {cfg.num_classes} classes")
+
+
+def model_config_for(preset: Preset, data: ImageSet):
+    """The preset's model config with the number of classes taken from the data (0 when unlabelled)."""
+    num_classes = data.num_classes if data.is_labelled else 0
+    return dataclasses.replace(preset.model, num_classes=num_classes)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    state = opt.state_dict()
+    tensors = {
+        f"{pid}.{name}": value.detach().cpu().contiguous()
+        for pid, pstate in state["state"].items()
+        for name, value in pstate.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(run: RunDir, step: int, model: DiffusionModel, ema: EMA, opt: torch.optim.Optimizer) -> Path:
+    """Write ``checkpoints/step-XXXXXXX`` atomically, point ``latest.json`` at it, prune older ones."""
+    root = run.file(CHECKPOINTS)
+    root.mkdir(exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    save_model(model, tmp / "model", ema_state=ema.state_dict())
+    tensors, groups = _optimizer_tensors(opt)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    atomic_write_json(tmp / "state.json", {"step": step, "param_groups": groups})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_json(root / LATEST, {"step": step, "path": final.name})
+    for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(run: RunDir, model: DiffusionModel, ema: EMA, opt: torch.optim.Optimizer) -> int:
+    """Restore the latest checkpoint of ``run``; returns the number of completed steps (0 when none)."""
+    root = run.file(CHECKPOINTS)
+    if not (root / LATEST).exists():
+        return 0
+    try:
+        latest = json.loads((root / LATEST).read_text())
+        ckpt = root / latest["path"]
+        model.unet.load_state_dict(load_file(str(ckpt / "model" / "model.safetensors")))
+        ema.load_state_dict(load_file(str(ckpt / "model" / "ema.safetensors")))
+        meta = json.loads((ckpt / "state.json").read_text())
+        _load_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors")), meta["param_groups"])
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{root}: cannot resume from the latest checkpoint ({exc})") from exc
+    return int(meta["step"])
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------
+def _lr_at(step: int, lr: float, warmup: int) -> float:
+    return lr * min(1.0, (step + 1) / max(1, warmup))
+
+
+def train(
+    preset: Preset,
+    data: ImageSet,
+    run: RunDir,
+    init: str | os.PathLike[str] | None = None,
+    callback: Callable[[int, float], None] | None = None,
+    show_progress: bool = True,
+) -> str:
+    """Train (or fine-tune from ``init``) a diffusion model on ``data``; returns the final model id.
+
+    Writes ``RUN/model`` (final weights + EMA), periodic checkpoints and ``metrics.jsonl`` rows
+    ``{"step", "loss", "lr", "images_per_s"}``. With ``run.resume`` it continues from the last checkpoint.
+    ``callback(step, loss)`` is called after every step (tests use it to simulate a crash).
+    """
+    tcfg = preset.train
+    torch.manual_seed(tcfg.seed)  # only parameter initialisation uses the global generator
+    if init is not None:
+        model, init_meta = load_model(init, use_ema=True)
+        model.train()
+    else:
+        model, init_meta = DiffusionModel(model_config_for(preset, data)), None
+    check_compatible(model, data)
+    ema = EMA(model.unet, tcfg.ema_decay)
+    opt = torch.optim.AdamW(model.unet.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    start = load_checkpoint(run, model, ema, opt) if run.resume else 0
+    model.train()
+
+    images = data.to_model_tensor()
+    labels = torch.from_numpy(data.labels) if model.config.conditional else None
+    t_last, n_since = time.perf_counter(), 0
+    loss_sum, loss_count = 0.0, 0
+    with progress_bar(f"train {run.path.name}", total=tcfg.steps, completed=start, enabled=show_progress) as bar:
+        for step in range(start, tcfg.steps):
+            gen = torch.Generator().manual_seed(_step_seed(tcfg.seed, step))
+            idx = torch.from_numpy(batch_indices(len(data), tcfg.batch_size, step, tcfg.seed))
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, tcfg.lr, tcfg.warmup_steps)
+            loss = model.loss(images[idx], None if labels is None else labels[idx], gen, tcfg.cond_drop_prob)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.unet.parameters(), tcfg.grad_clip)
+            opt.step()
+            ema.update(model.unet, step)
+            loss_value = float(loss.detach())
+            loss_sum, loss_count, n_since = loss_sum + loss_value, loss_count + 1, n_since + tcfg.batch_size
+            done = step + 1
+            if done % tcfg.log_every == 0 or done == tcfg.steps:
+                elapsed = time.perf_counter() - t_last
+                rate = n_since / elapsed if elapsed > 0 else float("nan")
+                run.log(
+                    {
+                        "step": done,
+                        "loss": loss_sum / loss_count,
+                        "lr": opt.param_groups[0]["lr"],
+                        "images_per_s": rate,
+                    }
+                )
+                bar.update(completed=done, info=f"loss {loss_sum / loss_count:.4f}  {rate:.0f} img/s")
+                t_last, n_since, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+            else:
+                bar.update(completed=done)
+            if done % tcfg.checkpoint_every == 0 and done < tcfg.steps:
+                save_checkpoint(run, done, model, ema, opt)
+            if callback is not None:
+                callback(done, loss_value)
+    model_id = save_model(
+        model,
+        run.file("model"),
+        ema_state=ema.state_dict(),
+        extra={
+            "class_names": list(data.class_names),
+            "preset": preset.name,
+            "trained_steps": tcfg.steps,
+            "train_images": len(data),
+            "init_model_id": init_meta.get("model_id") if init_meta else None,
+        },
+    )
+    save_checkpoint(run, tcfg.steps, model, ema, opt)
+    run.update_manifest(model_id=model_id)
+    return model_id
