@@ -168,9 +168,7 @@ def main() -> None:
             metric, scale, label = "l2", 1.0 / qf.shape[1], f"3x{si}x{si} uint8 images, normalized L2"
         dim = qf.shape[1]
         knn_flops = 2 * n * n * dim
-        t_ours, (od, oi) = _best(
-            functools.partial(distances.nearest_neighbors, q, r, k=1, metric=metric), args.repeats
-        )
+        t_ours, (od, oi) = _best(functools.partial(distances.nearest_neighbors, q, r, k=1, metric=metric), args.repeats)
         t_faiss, (fd, fi) = _best(functools.partial(faiss_knn, faiss, qf, rf), args.repeats)
         t_cdist, (cd, ci) = _best(functools.partial(cdist_knn, qf, rf), args.repeats)
         fd_dist = np.sqrt(np.clip(fd[:, 0], 0, None) * scale)

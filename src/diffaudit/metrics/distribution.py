@@ -82,8 +82,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     d = mu1.shape[0]
     if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
         raise DataError(
-            f"inconsistent Gaussian parameters: mu1 {mu1.shape}, sigma1 {s1.shape}, mu2 {mu2.shape}, "
-            f"sigma2 {s2.shape}"
+            f"inconsistent Gaussian parameters: mu1 {mu1.shape}, sigma1 {s1.shape}, mu2 {mu2.shape}, sigma2 {s2.shape}"
         )
     w1, v1 = scipy.linalg.eigh((s1 + s1.T) / 2)
     root1 = (v1 * np.sqrt(np.clip(w1, 0, None))) @ v1.T
@@ -123,9 +122,7 @@ def kid(
     """
     g, r = _pair(gen, ref, 2)
     if num_subsets < 1 or subset_size < 2:
-        raise ConfigError(
-            f"KID needs num_subsets >= 1 and subset_size >= 2, got {num_subsets}, {subset_size}"
-        )
+        raise ConfigError(f"KID needs num_subsets >= 1 and subset_size >= 2, got {num_subsets}, {subset_size}")
     m = min(subset_size, len(g), len(r))
     rng = np.random.default_rng(seed)
     values = np.empty(num_subsets)
@@ -199,9 +196,7 @@ def vendi_score(x: np.ndarray) -> float:
         raise DataError("Vendi score of an empty set")
     norms = np.linalg.norm(a, axis=1)
     if (norms == 0).any():
-        raise DataError(
-            f"{int((norms == 0).sum())} feature rows are all zero; cosine similarity is undefined"
-        )
+        raise DataError(f"{int((norms == 0).sum())} feature rows are all zero; cosine similarity is undefined")
     u = a / norms[:, None]
     gram = (u.T @ u) if u.shape[1] < len(u) else (u @ u.T)
     eig = np.clip(np.linalg.eigvalsh(gram / len(u)), 0, None)
@@ -280,9 +275,7 @@ def compute_metrics(
         raise ConfigError("give labels for both the generated and the reference set, or for neither")
     need = max(k_pr, k_dc) + 1
     g, r = _pair(gen, ref, need)
-    opts = dict(
-        k_pr=k_pr, k_dc=k_dc, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, block=block, seed=seed
-    )
+    opts = dict(k_pr=k_pr, k_dc=k_dc, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, block=block, seed=seed)
 
     def run(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
         return _all_metrics(a, b, opts)
@@ -293,9 +286,7 @@ def compute_metrics(
     if gen_labels is not None:
         gl, rl = np.asarray(gen_labels), np.asarray(ref_labels)
         if gl.shape != (len(g),) or rl.shape != (len(r),):
-            raise DataError(
-                f"labels have shapes {gl.shape} and {rl.shape}, expected ({len(g)},) and ({len(r)},)"
-            )
+            raise DataError(f"labels have shapes {gl.shape} and {rl.shape}, expected ({len(g)},) and ({len(r)},)")
         per_class: dict[str, dict[str, float]] = {}
         skipped: dict[str, str] = {}
         for label in np.union1d(gl, rl).tolist():
@@ -308,9 +299,7 @@ def compute_metrics(
         result[PER_CLASS] = per_class
         result[SKIPPED_CLASSES] = skipped
         result[CLASS_MEAN] = (
-            {key: float(np.mean([c[key] for c in per_class.values()])) for key in METRIC_KEYS}
-            if per_class
-            else {}
+            {key: float(np.mean([c[key] for c in per_class.values()])) for key in METRIC_KEYS} if per_class else {}
         )
 
     if num_bootstrap > 0:

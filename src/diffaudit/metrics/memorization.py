@@ -110,9 +110,7 @@ def memorization_report(
         raise DataError(f"the training set has {len(train_images)} images; the ratios need at least 2")
     n_used = int(min(n_neighbors, len(train_images)))
     k = max(2, n_used)
-    dist, idx = distances.nearest_neighbors(
-        gen_images, train_images, k=k, metric="l2", block_q=block, block_r=block
-    )
+    dist, idx = distances.nearest_neighbors(gen_images, train_images, k=k, metric="l2", block_q=block, block_r=block)
     tdist, tidx = distances.nearest_neighbors(
         gen_images, train_images, k=1, metric="tiled", grid=grid, block_q=block, block_r=block
     )
