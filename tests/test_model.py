@@ -82,8 +82,8 @@ def test_ddim_golden_with_dummy_denoiser():
     model = DiffusionModel(TINY)
     model.predict_noise = lambda x, t, labels: torch.zeros_like(x)  # type: ignore[method-assign]
     x = model.sample(None, [0], "ddim", 10)
-    # eps = 0 makes every DDIM step predict x0 = x_t / sqrt(abar_t), clipped to [-1, 1]. After the first step
-    # x_t = sqrt(abar_t) * x0, so the prediction never changes: the output is clip(x_T / sqrt(abar_T)).
+    # eps = 0 makes every DDIM step predict x0 = x_t / sqrt(abar_t). After the first step
+    # x_t = sqrt(abar_t) * x0, so the prediction never changes; the final clamp gives clip(x_T / sqrt(abar_T)).
     sched = model.make_sampler("ddim", 10)
     abar_first = sched.alphas_cumprod[int(sched.timesteps[0])]
     expected = (per_sample_noise((1, 8, 8), [0]) / abar_first.sqrt()).clamp(-1, 1)

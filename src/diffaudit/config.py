@@ -93,7 +93,7 @@ PRESETS: dict[str, Preset] = {
                 block_out_channels=(32, 64),
                 attention_levels=(False, False),
             ),
-            TrainConfig(steps=1500, batch_size=128, lr=2e-3),
+            TrainConfig(steps=800, batch_size=128, lr=2e-3),
         ),
         Preset(
             "faces-32",
