@@ -255,8 +255,7 @@ class DwtDctTagger(Tagger):
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """Watermarked RGB ``uint8`` copies ``(N, 3, H, W)``."""
-        from imwatermark import WatermarkEncoder
-
+        WatermarkEncoder, _ = _imwatermark()
         _check_dwt_images(images)
         encoder = WatermarkEncoder()
         encoder.set_watermark("bits", self.bits.astype(int).tolist())
@@ -275,10 +274,20 @@ class DwtDctTagger(Tagger):
         return (self.decode_bits(images) == self.bits).mean(axis=1).astype(np.float64)
 
 
+def _imwatermark() -> tuple[Any, Any]:
+    """The invisible-watermark encoder and decoder classes, or a ConfigError saying how to install them."""
+    try:
+        from imwatermark import WatermarkDecoder, WatermarkEncoder
+    except ImportError as exc:
+        raise ConfigError(
+            "the dwtdct tagger needs the invisible-watermark package: pip install 'diffaudit[watermark]'"
+        ) from exc
+    return WatermarkEncoder, WatermarkDecoder
+
+
 def decode_dwt_bits(images: np.ndarray, length: int, method: str = "dwtDct") -> np.ndarray:
     """``bool`` ``(N, length)`` bits decoded by invisible-watermark from RGB ``uint8`` ``(N, 3, H, W)``."""
-    from imwatermark import WatermarkDecoder
-
+    _, WatermarkDecoder = _imwatermark()
     decoder = WatermarkDecoder("bits", length)
     decoded = [decoder.decode(_rgb_chw_to_bgr_hwc(img), method) for img in images]
     return np.asarray(decoded, dtype=bool).reshape(len(images), length)
