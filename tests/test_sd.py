@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from diffaudit.attacks import extraction as ex
 from diffaudit.cli import app
 from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import CheckpointError, ConfigError, DataError
@@ -185,12 +186,15 @@ def test_extract_flags_planted_clique_and_matches_training_image() -> None:
     )
     train = ImageSet(np.concatenate([diverse[:2] // 2, memorized[None]]), np.full(3, -1))
     rows = extract_prompts(gens, edge_threshold=0.1, min_clique=5, train=train, show_progress=False)
-    by_prompt = {r[audit.KEY_PROMPT]: r for r in rows}
+    by_prompt = {r[ex.LABEL_NAME]: r for r in rows}
     hit, miss = by_prompt["memorized prompt"], by_prompt["fresh prompt"]
-    assert rows[0] is hit and hit[audit.KEY_FLAGGED] and hit[audit.KEY_CLIQUE_SIZE] == 6
-    assert hit[audit.KEY_EXTRACTED] and hit[audit.KEY_MATCH_ID] == train.ids[2]
-    assert sorted(hit[audit.KEY_CLIQUE_SEEDS]) == list(range(6))
-    assert not miss[audit.KEY_FLAGGED] and miss[audit.KEY_EXTRACTED] is None
+    assert rows[0] is hit and hit[ex.FLAGGED] and hit[ex.CLIQUE_SIZE] == 6
+    assert hit[ex.EXTRACTED] and hit[ex.NEAREST_TRAIN_ID] == train.ids[2]
+    assert sorted(hit[ex.MEMBER_SEEDS]) == list(range(6))
+    assert sorted(hit[audit.KEY_MEMBER_IDS]) == sorted(gens.ids[:6])
+    assert not miss[ex.FLAGGED] and miss[ex.EXTRACTED] in (None, False)
+    no_train = extract_prompts(gens, edge_threshold=0.1, min_clique=5, show_progress=False)
+    assert no_train[0][ex.FLAGGED] and no_train[0][ex.NEAREST_TRAIN_ID] is None
 
 
 def test_latent_losses_are_order_independent(model, tmp_path: Path) -> None:
@@ -238,7 +242,7 @@ def test_cli_sample_extract_mia_loop(pipe_dir: Path, tmp_path: Path) -> None:
     )
     assert res.exit_code == 0, res.output
     result = json.loads((tmp_path / "m" / "manifest.json").read_text())["result"]
-    assert 0.0 <= result["auc"] <= 1.0 and result["num_members"] == 4
+    assert 0.0 <= result["auc"] <= 1.0 and result["num_members"] == 4 and "tpr@1%fpr" in result
 
     held_prompts = tmp_path / "held.txt"
     held_prompts.write_text("a green triangle\n")

@@ -122,6 +122,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True),
     ) -> None:
         """Generate, find the largest clique of near-identical generations per prompt, and match it to TRAIN."""
+        from diffaudit.attacks import extraction as ex
         from diffaudit.data.folder import read_folder
         from diffaudit.data.imageset import ImageSet
         from diffaudit.pipelines import audit
@@ -168,10 +169,9 @@ def register(app: typer.Typer) -> None:
                     row[audit.KEY_NOISE_GAP] = float(gaps[row[audit.KEY_PROMPT_INDEX]])
             for row in rows:
                 run.log(row)
-            flagged = sum(r[audit.KEY_FLAGGED] for r in rows)
-            extracted = sum(bool(r[audit.KEY_EXTRACTED]) for r in rows)
-            run.update_manifest(model_id=net.model_id, flagged_prompts=flagged, extracted=extracted)
-        print_table("sd extract", {"prompts": len(texts), "flagged": flagged, "extracted": extracted})
+            summary = ex.summarize(rows)
+            run.update_manifest(model_id=net.model_id, summary=summary)
+        print_table("sd extract", {k: summary[k] for k in (ex.NUM_LABELS, ex.NUM_FLAGGED, ex.NUM_EXTRACTED)})
 
     @sd.command("mia")
     def mia(
@@ -188,7 +188,8 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True),
     ) -> None:
         """Loss-threshold membership inference in latent space: low loss at t means member."""
-        from diffaudit.pipelines.audit import latent_losses, roc_summary
+        from diffaudit.attacks.roc import summarize
+        from diffaudit.pipelines.audit import latent_losses
         from diffaudit.pipelines.prompts import read_captioned_folder
 
         with RunDir(out, "sd-mia") as run:
@@ -203,10 +204,11 @@ def register(app: typer.Typer) -> None:
                 losses[name] = latent_losses(net, data, caps, t, num_noise, seed, batch_size, show_progress=progress)
                 for i, loss in zip(data.ids, losses[name], strict=True):
                     run.log({"id": i, "member": name == "member", "loss": float(loss)})
-            result = roc_summary(-losses["member"], -losses["nonmember"])
-            result.update(num_members=len(losses["member"]), num_nonmembers=len(losses["nonmember"]))
+            scores = -np.concatenate([losses["member"], losses["nonmember"]])
+            is_member = np.r_[np.ones(len(losses["member"]), bool), np.zeros(len(losses["nonmember"]), bool)]
+            result = summarize(scores, is_member)
             run.update_manifest(model_id=net.model_id, result=result)
-        print_table("sd mia", result)
+        print_table("sd mia", {k: v for k, v in result.items() if not isinstance(v, list)})
 
     @sd.command("loop")
     def loop(

@@ -12,9 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffaudit.attacks.cliques import largest_clique
 from diffaudit.data.imageset import ImageSet
-from diffaudit.distances import nearest_neighbors, pairwise_tiled_l2
 from diffaudit.errors import ConfigError
 from diffaudit.pipelines.sd import SDModel, images_to_tensor, per_seed_noise
 from diffaudit.progress import progress_bar
@@ -100,19 +98,10 @@ def generate_sd(
 
 # ---- extraction ---------------------------------------------------------------------------------------------
 
-# Result keys of extract_prompts rows.
-KEY_PROMPT = "prompt"
+#: Extra keys this module adds to :mod:`diffaudit.attacks.extraction`'s per-label records.
 KEY_PROMPT_INDEX = "prompt_index"
-KEY_NUM_GENERATIONS = "num_generations"
-KEY_CLIQUE_SIZE = "clique_size"
-KEY_CLIQUE_IDS = "clique_ids"
-KEY_CLIQUE_SEEDS = "clique_seeds"
-KEY_CLIQUE_MEAN_DISTANCE = "clique_mean_distance"
-KEY_FLAGGED = "flagged"
-KEY_MATCH_ID = "train_match_id"
-KEY_MATCH_DISTANCE = "train_match_l2"
-KEY_EXTRACTED = "extracted"
-KEY_NOISE_GAP = "noise_gap"
+KEY_MEMBER_IDS = "member_ids"  # content ids of the largest clique's generations
+KEY_NOISE_GAP = "noise_gap"  # Wen et al.'s score, filled in by the CLI when asked
 
 
 def extract_prompts(
@@ -124,50 +113,46 @@ def extract_prompts(
     delta: float = 0.15,
     show_progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Carlini et al.'s generate-and-filter step over generations grouped by prompt (label).
+    """Carlini et al.'s generate-and-filter step over generations grouped by prompt (label = prompt index).
 
-    For each prompt: tiled L2 (``grid x grid`` tiles, full resolution) between its generations, an edge where it
-    is below ``edge_threshold``, the exact largest clique; flagged when it has ``>= min_clique`` members. Flagged
-    cliques are matched to ``train`` (normalized L2 to the nearest training image of the clique's medoid;
-    extracted when ``<= delta``). Returns one row per prompt, keyed by the ``KEY_*`` constants, ranked flagged
-    first by mean intra-clique distance.
+    Delegates to :mod:`diffaudit.attacks.extraction`: per prompt, tiled L2 (``grid x grid`` tiles, full
+    resolution), an edge below ``edge_threshold``, the exact largest clique (flagged at ``>= min_clique``),
+    and with ``train`` the clique medoid's nearest training image (extracted when normalized L2 ``<= delta``).
+    Returns one record per prompt (keys of that module, ``label_name`` = the prompt, plus :data:`KEY_PROMPT_INDEX`
+    and :data:`KEY_MEMBER_IDS`), flagged prompts first by mean distance inside the clique.
     """
+    from diffaudit.attacks import extraction as ex
+
+    params = ex.ExtractionParams(grid=grid, edge_threshold=edge_threshold, min_clique=min_clique, delta=delta)
     rows: list[dict[str, Any]] = []
     prompts = generations.class_names
     present = sorted(set(generations.labels.tolist()))
     with progress_bar("extract", total=len(present), enabled=show_progress) as bar:
         for done, p in enumerate(present, 1):
             idx = np.flatnonzero(generations.labels == p)
-            imgs = generations.images[idx]
-            dist = pairwise_tiled_l2(imgs, imgs, grid=grid)
-            adj = dist < edge_threshold
-            np.fill_diagonal(adj, False)
-            members = largest_clique(adj, min_size=min_clique)
-            sub = dist[np.ix_(members, members)]
-            mean_d = float(sub[~np.eye(len(members), dtype=bool)].mean()) if len(members) > 1 else None
-            row: dict[str, Any] = {
-                KEY_PROMPT: prompts[p] if 0 <= p < len(prompts) else "",
-                KEY_PROMPT_INDEX: int(p),
-                KEY_NUM_GENERATIONS: int(len(idx)),
-                KEY_CLIQUE_SIZE: int(len(members)),
-                KEY_CLIQUE_IDS: generations.ids[idx[members]].tolist(),
-                KEY_CLIQUE_SEEDS: generations.provenance["seed"][idx[members]].tolist(),
-                KEY_CLIQUE_MEAN_DISTANCE: mean_d,
-                KEY_FLAGGED: bool(len(members) >= min_clique),
-                KEY_MATCH_ID: None,
-                KEY_MATCH_DISTANCE: None,
-                KEY_EXTRACTED: None,
-            }
-            if train is not None and row[KEY_FLAGGED]:
-                # The medoid stands for the clique: the member with the smallest summed distance to the others.
-                medoid = idx[members[int(sub.sum(1).argmin())]]
-                d, j = nearest_neighbors(generations.images[medoid : medoid + 1], train.images, k=1, metric="l2")
-                row[KEY_MATCH_ID] = str(train.ids[int(j[0, 0])])
-                row[KEY_MATCH_DISTANCE] = float(d[0, 0])
-                row[KEY_EXTRACTED] = bool(d[0, 0] <= delta)
+            sub = generations.subset(idx)
+            name = prompts[p] if 0 <= p < len(prompts) else ""
+            if train is not None:
+                row = ex.scan_label(sub, train, params, label=p, label_name=name)
+            else:
+                cliques = ex.find_cliques(sub, params)
+                for c in cliques:
+                    for key in ex.CLIQUE_KEYS:
+                        c.setdefault(key, None)
+                seeds = sub.provenance["seed"]
+                row = {
+                    ex.LABEL: int(p),
+                    ex.LABEL_NAME: name,
+                    ex.NUM_GENERATED: len(sub),
+                    ex.SEEDS: [int(seeds.min()), int(seeds.max())] if len(seeds) else [],
+                    **{k: cliques[0][k] for k in ex.CLIQUE_KEYS},
+                    ex.CLIQUES: cliques,
+                }
+            row[KEY_PROMPT_INDEX] = int(p)
+            row[KEY_MEMBER_IDS] = sub.ids[np.asarray(row[ex.MEMBERS], dtype=np.int64)].tolist()
             rows.append(row)
             bar.update(completed=done)
-    rows.sort(key=lambda r: (not r[KEY_FLAGGED], r[KEY_CLIQUE_MEAN_DISTANCE] or 0.0))
+    rows.sort(key=lambda r: (not r[ex.FLAGGED], r[ex.MEAN_DISTANCE] or 0.0, r[KEY_PROMPT_INDEX]))
     return rows
 
 
@@ -214,18 +199,3 @@ def latent_losses(
                 out[start:stop] += model.per_sample_loss(z0, embeds, tt, noise).double().cpu().numpy()
             bar.update(completed=stop)
     return out / num_noise
-
-
-def roc_summary(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> dict[str, float]:
-    """AUC and TPR at 1% and 0.1% FPR for scores where higher means "member"."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    y = np.r_[np.ones(len(member_scores)), np.zeros(len(nonmember_scores))]
-    s = np.r_[member_scores, nonmember_scores]
-    fpr, tpr, _ = roc_curve(y, s)
-
-    def at(target: float) -> float:
-        ok = fpr <= target
-        return float(tpr[ok].max()) if ok.any() else 0.0
-
-    return {"auc": float(roc_auc_score(y, s)), "tpr_at_1pct_fpr": at(0.01), "tpr_at_0.1pct_fpr": at(0.001)}
