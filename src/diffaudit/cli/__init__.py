@@ -27,9 +27,16 @@ console = Console(stderr=True)
 
 # One module per command (group); each defines register(app: typer.Typer) -> None.
 _COMMAND_MODULES = [
+    "extract",
     "data",
     "train",
     "sample",
+    "guard",
+    "tag",
+    "scrub",
+    "mia",
+    "report",
+    "sd",
 ]
 
 for _name in _COMMAND_MODULES:
