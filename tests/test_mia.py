@@ -136,10 +136,8 @@ def test_cli_end_to_end_resume_and_user_target(tmp_path):
     out = tmp_path / "mia"
     extract = tmp_path / "extract"
     extract.mkdir()
-    flags = [
-        {"prompt_index": i, "flagged": i in (1, 7), "clique_size": 12 if i in (1, 7) else i % 3} for i in range(10)
-    ]
-    (extract / "results.json").write_text(json.dumps({"prompts": flags}))
+    flags = [{"label": i, "flagged": i in (1, 7), "clique_size": 12 if i in (1, 7) else i % 3} for i in range(10)]
+    (extract / "results.json").write_text(json.dumps({"labels": flags}))
     args = ["mia", "--out", str(out), "--data", "digits", "--pool-size", "40", "--num-shadows", "2", "--steps", "3"]
     args += ["--timesteps", "50,100", "--noise-draws", "2", "--wen-seeds", "2", "--extract-run", str(extract), *TINY]
     res = runner.invoke(app, args)

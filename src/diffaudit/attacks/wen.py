@@ -121,11 +121,14 @@ def wen_report(
 
 
 def read_extraction_flags(path: str | os.PathLike[str]) -> dict[int, dict[str, object]]:
-    """Per-label clique results ``{label: {"flagged": bool, "clique_size": int|None}}`` from an extract run.
+    """Per-label clique results ``{label: {"flagged", "clique_size", "extracted"}}`` from an extract run.
 
-    Accepts a run directory or its ``results.json``; the rows may be the top-level list or sit under
-    ``prompts``, ``per_label``, ``labels`` or ``rows``, each with ``prompt_index`` or ``label`` and ``flagged``.
+    Accepts a run directory or its ``results.json``: the ``labels`` rows of :mod:`diffaudit.attacks.extraction`
+    (keys ``label``, ``flagged``, ``clique_size``, ``extracted``); rows keyed ``prompt_index`` (the Stable
+    Diffusion pipeline) and a top-level list of rows are accepted too.
     """
+    from diffaudit.attacks import extraction as ex
+
     p = Path(path)
     if p.is_dir():
         p = p / "results.json"
@@ -135,17 +138,19 @@ def read_extraction_flags(path: str | os.PathLike[str]) -> dict[int, dict[str, o
         raise DataError(f"{p}: cannot read extraction results ({exc})") from exc
     rows = data
     if isinstance(data, dict):
-        rows = next(
-            (data[k] for k in ("prompts", "per_label", "labels", "rows") if isinstance(data.get(k), list)), None
-        )
+        rows = next((data[k] for k in ("labels", "prompts", "rows") if isinstance(data.get(k), list)), None)
     if not isinstance(rows, list):
-        raise DataError(f"{p}: no per-label rows found (expected a list under prompts/per_label/labels/rows)")
+        raise DataError(f"{p}: no per-label rows found (expected a 'labels' list as written by diffaudit extract)")
     out: dict[int, dict[str, object]] = {}
     for row in rows:
-        label = row.get("prompt_index", row.get("label")) if isinstance(row, dict) else None
-        if not isinstance(label, int) or "flagged" not in row:
-            raise DataError(f"{p}: row {row!r} lacks an integer prompt_index/label or a flagged field")
-        out[label] = {"flagged": bool(row["flagged"]), "clique_size": row.get("clique_size")}
+        label = row.get(ex.LABEL, row.get("prompt_index")) if isinstance(row, dict) else None
+        if not isinstance(label, int) or ex.FLAGGED not in row:
+            raise DataError(f"{p}: row {str(row)[:80]} lacks an integer label or a '{ex.FLAGGED}' field")
+        out[label] = {
+            "flagged": bool(row[ex.FLAGGED]),
+            "clique_size": row.get(ex.CLIQUE_SIZE),
+            "extracted": row.get(ex.EXTRACTED),
+        }
     return out
 
 
