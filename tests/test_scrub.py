@@ -13,7 +13,15 @@ from diffaudit.data.imageset import ImageSet
 from diffaudit.data.sources import load_source
 from diffaudit.errors import ConfigError, DataError
 from diffaudit.guards.perturb import gaussian_noise
-from diffaudit.guards.scrub import RULE_NEAR_COPY, RULE_TAGGED, make_loop_filter, scrub, scrub_summary
+from diffaudit.guards.scrub import (
+    RULE_NEAR_COPY,
+    RULE_TAGGED,
+    LoopTagger,
+    make_loop_filter,
+    scrub,
+    scrub_summary,
+    tag_name,
+)
 from diffaudit.guards.tagging import get_tagger
 
 runner = CliRunner()
@@ -102,3 +110,14 @@ def test_scrub_cli_writes_clean_set_and_manifest(tmp_path, mixed):
     assert not clean.provenance["synthetic"].any()
     r = runner.invoke(app, ["scrub", "--data", f"npz:{tmp_path / 'data.npz'}", "--out", str(out)])
     assert isinstance(r.exception, ConfigError)
+
+
+def test_loop_tagger_tags_and_measures_inherited_tags(mixed):
+    data, _, tagger, threshold = mixed
+    tag_fn = LoopTagger(tagger, threshold)
+    real = data.subset(np.arange(60))
+    out = tag_fn(real, 2)
+    assert set(out.provenance["tag"]) == {tag_name(tagger)} and tagger.detect(out.images, threshold).all()
+    assert tag_fn.inherited[2] <= 0.1  # untagged inputs: few look tagged
+    tag_fn(out, 3)  # already-tagged inputs (a model that reproduced the tag) are counted as inherited
+    assert tag_fn.inherited[3] == 1.0

@@ -10,6 +10,7 @@ import typer
 from diffaudit.cli.common import err, print_json
 from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import ConfigError
+from diffaudit.guards.scrub import tag_name
 from diffaudit.guards.tagging import (
     KNOWN_TAG_FALSE_ALARM,
     DwtDctTagger,
@@ -38,12 +39,6 @@ def make_tagger(name: str, key: int | None, amplitude: float | None, preset: str
     return get_tagger(name)  # raises ConfigError listing the known taggers
 
 
-def tag_label(tagger: Tagger) -> str:
-    """Provenance value for images tagged by ``tagger``, e.g. ``spread-spectrum:key=1234,amplitude=3``."""
-    params = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in tagger.params.items())
-    return f"{tagger.name}:{params}"
-
-
 def register(app: typer.Typer) -> None:
     @app.command("tag")
     def tag(
@@ -59,9 +54,9 @@ def register(app: typer.Typer) -> None:
         data = ImageSet.load(images)
         tagged_images = t.embed(data.images)
         # Ids are content hashes: tagged images are new images, so their ids are recomputed.
-        tagged = ImageSet(tagged_images, data.labels, data.class_names, {**data.provenance, "tag": tag_label(t)})
+        tagged = ImageSet(tagged_images, data.labels, data.class_names, {**data.provenance, "tag": tag_name(t)})
         tagged.save(out)
-        err.print(f"{len(tagged)} images tagged with {tag_label(t)} -> {out}")
+        err.print(f"{len(tagged)} images tagged with {tag_name(t)} -> {out}")
 
     @app.command("detect")
     def detect(

@@ -26,6 +26,12 @@ RULE_NEAR_COPY = "near-copy"
 LoopFilter = Callable[[ImageSet, int], tuple[ImageSet, dict[str, Any]]]
 
 
+def tag_name(tagger: Tagger) -> str:
+    """Provenance value for images tagged by ``tagger``, e.g. ``spread-spectrum:key=1234,amplitude=3``."""
+    params = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in tagger.params.items())
+    return f"{tagger.name}:{params}"
+
+
 def scrub(
     data: ImageSet,
     tagger: Tagger | None = None,
@@ -137,3 +143,26 @@ def make_loop_filter(
         return kept, report
 
     return filter_fn
+
+
+class LoopTagger:
+    """The loop engine's ``tag_fn(samples, generation) -> samples``: tag every generated image.
+
+    With a ``threshold``, it first scores the *untagged* samples and keeps, per generation, the share that a
+    detector already flags (:attr:`inherited`): whether a tag learned from tagged training images survives
+    into the next model's own outputs.
+    """
+
+    def __init__(self, tagger: Tagger, threshold: float | None = None) -> None:
+        self.tagger = tagger
+        self.threshold = threshold
+        self.inherited: dict[int, float] = {}
+
+    def __call__(self, samples: ImageSet, generation: int) -> ImageSet:
+        if self.threshold is not None and len(samples):
+            self.inherited[int(generation)] = float(self.tagger.detect(samples.images, self.threshold).mean())
+        tagged = self.tagger.embed(samples.images)
+        # Tagged images are new content: ids are recomputed from the pixels.
+        return ImageSet(
+            tagged, samples.labels, samples.class_names, {**samples.provenance, "tag": tag_name(self.tagger)}
+        )
