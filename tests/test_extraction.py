@@ -194,3 +194,12 @@ def test_cli_end_to_end_and_resume(tiny_train_run, tmp_path):
     # Refuses to overwrite without --resume.
     res3 = CliRunner().invoke(app, base)
     assert res3.exit_code != 0
+
+
+def test_clique_budget_overrun_is_recorded_not_fatal():
+    rng = np.random.default_rng(7)
+    gens = _generations(_noisy_copies(_train_set().images[0], 30, 0.005, rng))
+    (small,) = ex.find_cliques(gens, ex.ExtractionParams(max_clique_nodes=5))
+    assert small[ex.CLIQUE_EXACT] is False
+    (full,) = ex.find_cliques(gens, ex.ExtractionParams())
+    assert full[ex.CLIQUE_EXACT] and full[ex.CLIQUE_SIZE] == 30 and full[ex.FLAGGED]
