@@ -39,13 +39,22 @@ def digits_index(digits):
 
 def test_calibrate_threshold_hand_case():
     d = np.array([0.5, 0.1, 0.3, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0])
-    # m = floor(0.2 * 10) = 2: threshold is the 3rd smallest; exactly 2 of 10 lie strictly below it.
+    # k = floor(0.2 * 11) = 2: the 2nd smallest; a fresh exchangeable value falls below it w.p. 2/11 <= 0.2.
     thr, rate = calibrate_threshold(d, 0.2)
-    assert thr == pytest.approx(0.3) and rate == pytest.approx(0.2)
-    with pytest.raises(DataError, match="at least 100"):
+    assert thr == pytest.approx(0.2) and rate == pytest.approx(0.1)
+    assert calibrate_threshold(np.arange(99.0), 0.01) == (0.0, 0.0)  # 99 values: k = 1
+    with pytest.raises(DataError, match="at least 99"):
         calibrate_threshold(d, 0.01)
     with pytest.raises(ConfigError):
         calibrate_threshold(d, 1.5)
+    # Conformal property: over many exchangeable draws the fresh rate stays at or below the target.
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(400):
+        x = rng.random(40)
+        thr, _ = calibrate_threshold(x[:20], 0.05)
+        rates.append((x[20:] < thr).mean())
+    assert np.mean(rates) <= 0.05 + 0.01
 
 
 def test_split_holdout_keeps_duplicates_together(digits):

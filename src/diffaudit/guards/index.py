@@ -10,7 +10,7 @@ Two blocking rules are recorded side by side (RESEARCH.md section 1):
 
 * ``calibrated``: block when the distance is below a threshold set on *held-out real images* (images of the
   same source that are not in the index): the threshold is the quantile of their nearest-neighbour distances
-  at the target false-block rate, so at most that fraction of fresh real images would be blocked. The
+  at the target false-block rate (split-conformal), so fresh real images are blocked at most that often. The
   papers leave this threshold open; this rule makes its cost measurable.
 * ``absolute``: Carlini et al.'s extraction rule, normalized pixel L2 to the nearest training image
   ``<= delta`` with ``delta = 0.15``. Its false-block rate on the same held-out images is recorded too,
@@ -66,24 +66,27 @@ KEY_HOLDOUT_QUANTILES = "holdout_distance_quantiles"
 
 
 def calibrate_threshold(holdout_distances: np.ndarray, target_fpr: float) -> tuple[float, float]:
-    """Threshold ``T`` such that at most ``target_fpr`` of ``holdout_distances`` are ``< T``, and the achieved rate.
+    """Threshold ``T`` with expected false-block rate at most ``target_fpr``, and the rate on the held-out set.
 
     ``holdout_distances`` are ``(M,)`` nearest-training-image distances of real images that are not in the
-    index. ``T`` is the ``(m+1)``-th smallest with ``m = floor(target_fpr * M)``, and blocking is strict
-    (``distance < T``), so exactly the ``m`` closest held-out images would be blocked (fewer with ties).
-    Needs ``M >= ceil(1 / target_fpr)``; with fewer the quantile cannot resolve the rate.
+    index; blocking is strict (``distance < T``). ``T`` is the ``k``-th smallest with
+    ``k = floor(target_fpr * (M + 1))`` (the split-conformal quantile): a fresh real image exchangeable with
+    the held-out ones falls below it with probability ``k / (M + 1) <= target_fpr``. The plain empirical
+    quantile (``floor(target_fpr * M) + 1``-th smallest) overshoots to ``(m + 1) / (M + 1)``, which on 20
+    held-out faces at a 5% target is 9.5%. Needs ``M >= ceil(1 / target_fpr) - 1`` so that ``k >= 1``.
+    The second value is the share of held-out distances below ``T`` (``(k - 1) / M`` without ties).
     """
     if not 0.0 < target_fpr < 1.0:
         raise ConfigError(f"target false-block rate must be in (0, 1); got {target_fpr!r}")
     d = np.sort(np.asarray(holdout_distances, dtype=np.float64).reshape(-1))
-    needed = math.ceil(1.0 / target_fpr - 1e-9)
-    if d.size < needed:
+    k = math.floor(target_fpr * (d.size + 1) + 1e-9)
+    if k < 1:
+        needed = math.ceil(1.0 / target_fpr - 1e-9) - 1
         raise DataError(
             f"calibrating a false-block rate of {target_fpr} needs at least {needed} held-out real images; got "
             f"{d.size} (use a larger --holdout-fraction, a --holdout source, or a larger --calibrate-fpr)"
         )
-    m = math.floor(target_fpr * d.size + 1e-9)
-    threshold = float(d[m])
+    threshold = float(d[k - 1])
     return threshold, float((d < threshold).mean())
 
 
