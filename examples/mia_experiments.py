@@ -45,6 +45,31 @@ EXPERIMENTS = {
 }
 
 
+def draws_ablation(run_dir: Path, mcfg: MiaConfig) -> dict[str, dict[str, float]]:
+    """Re-score a finished run with only the first noise draw, from the per-model loss caches (no new queries).
+
+    Shows what averaging several draws ("strong" LiRA) buys over one fixed draw.
+    """
+    import numpy as np
+
+    from diffaudit.attacks import mia
+    from diffaudit.attacks.shadow import LOSSES_FILE, MATRIX_FILE, evaluate_attacks
+
+    with np.load(run_dir / MATRIX_FILE, allow_pickle=False) as z:
+        target_members, shadow_membership, selection = z["target_membership"], z["shadow_membership"], z["selection"]
+    out = {}
+    for label, variants in (("1 draw", slice(0, 1)), (f"{mcfg.noise_draws} draws", slice(None))):
+        stats = []
+        for name in ["target"] + [f"shadow-{k:02d}" for k in range(mcfg.num_shadows)]:
+            with np.load(run_dir / "models" / name / LOSSES_FILE, allow_pickle=False) as z:
+                stats.append(mia.loss_statistic(z["losses"][:, :, variants]))
+        results, _ = evaluate_attacks(
+            stats[0], np.stack(stats[1:], axis=1), shadow_membership, target_members, selection, mcfg.timesteps
+        )
+        out[label] = {k: {m: v[m] for m in ("t", "auc", "tpr@1%fpr")} for k, v in results["attacks"].items()}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/mia-experiments"))
@@ -70,6 +95,7 @@ def main() -> None:
                 k: {m: v[m] for m in ("t", "auc", "tpr@1%fpr", "tpr@0.1%fpr", "num_members", "num_nonmembers")}
                 for k, v in results["attacks"].items()
             },
+            "draws_ablation": draws_ablation(args.out / name, exp["mia"]),
         }
         print(json.dumps({name: summary[name]}, indent=1), flush=True)
         latest = json.loads(summary_path.read_text()) if summary_path.exists() else {}
