@@ -39,7 +39,8 @@ REASONS = {
 
 def _train_run_dir(model_dir: Path) -> Path | None:
     """The train run that holds ``model_dir`` (RUN/model), if any."""
-    for cand in (model_dir, model_dir.parent):
+    # RUN/model, or RUN/checkpoints/step-N/model for a checkpoint of a run still training.
+    for cand in (model_dir, *list(model_dir.parents)[:3]):
         if (cand / "manifest.json").exists() and (cand / "config.json").exists():
             return cand
     return None
@@ -122,9 +123,11 @@ def register(app: typer.Typer) -> None:
                 model = _train_with_canaries(run, canaries, preset, steps, set_)
             model_dir = resolve_model_dir(model)
             net, meta = load_model(model_dir)
-            class_names = list(meta.get("class_names") or [])
             run_dir = _train_run_dir(model_dir)
             data, info = _training_data(train, run_dir, net.config.resolution, net.config.channels)
+            class_names = list(meta.get("class_names") or [])
+            if not class_names and len(data.class_names) == net.config.num_classes:
+                class_names = list(data.class_names)  # checkpoints do not store class names; the data does
             canary_table = info.get("canaries")
             scan = _labels(labels, class_names, net.config.conditional)
             names = [class_names[i] if i >= 0 else "(none)" for i in scan]
