@@ -234,6 +234,17 @@ def test_cli_sample_extract_mia_loop(pipe_dir: Path, tmp_path: Path) -> None:
     assert all(r[audit.KEY_NOISE_GAP] > 0 for r in rows)
     assert json.loads((tmp_path / "x" / "config.json").read_text())["edge_threshold"] == 0.1
 
+    res = runner.invoke(
+        app,
+        ["sd", "extract", *common, "--samples", str(tmp_path / "s" / "samples.npz")]
+        + ["--out", str(tmp_path / "x2"), "--min-clique", "2", "--no-noise-gap"],
+    )
+    assert res.exit_code == 0, res.output
+    rows2 = [json.loads(x) for x in (tmp_path / "x2" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r[ex.SEEDS][0] for r in rows2) == [3, 100] and audit.KEY_NOISE_GAP not in rows2[0]
+    res = runner.invoke(app, ["sd", "extract", *common, "--out", str(tmp_path / "x3")])
+    assert res.exit_code != 0 and "exactly one" in str(res.exception)
+
     held = _captioned_folder(tmp_path / "held", 4, 4, metadata=False)
     res = runner.invoke(
         app,

@@ -14,6 +14,7 @@ import numpy as np
 import typer
 
 from diffaudit.cli.common import err, print_table
+from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import ConfigError
 from diffaudit.runs import RunDir
 
@@ -104,8 +105,9 @@ def register(app: typer.Typer) -> None:
     @sd.command("extract")
     def extract(
         model: str = typer.Option(..., help=MODEL_HELP),
-        prompts: Path = typer.Option(..., help="prompts file (e.g. captions of the most duplicated training images)"),
         out: Path = typer.Option(..., help="run directory to create"),
+        prompts: Path = typer.Option(None, help="prompts file (e.g. captions of the most duplicated training images)"),
+        samples: Path = typer.Option(None, help="reuse generations (samples.npz of sd sample shards) instead"),
         train: Path = typer.Option(None, help="folder of training images to match flagged cliques against"),
         num_per_prompt: int = typer.Option(16, min=2, help="generations per prompt (Carlini et al.: 500)"),
         edge_threshold: float = typer.Option(0.1, help="tiled-L2 edge threshold (unpublished; 0.05-0.15 used)"),
@@ -124,17 +126,30 @@ def register(app: typer.Typer) -> None:
         """Generate, find the largest clique of near-identical generations per prompt, and match it to TRAIN."""
         from diffaudit.attacks import extraction as ex
         from diffaudit.data.folder import read_folder
-        from diffaudit.data.imageset import ImageSet
         from diffaudit.pipelines import audit
         from diffaudit.pipelines.audit import extract_prompts, generate_sd
 
-        texts, labels, seeds, firsts = _prompt_seeds(prompts, num_per_prompt, seed)
+        if (prompts is None) == (samples is None):
+            raise ConfigError("give exactly one of --prompts (generate) or --samples (reuse generations)")
+        reused = None
+        if samples is not None:
+            reused = ImageSet.load(samples)
+            texts, labels, seeds = list(reused.class_names), reused.labels, reused.provenance["seed"]
+            firsts = [int(seeds[labels == p].min()) for p in range(len(texts)) if (labels == p).any()]
+        else:
+            texts, labels, seeds, firsts = _prompt_seeds(prompts, num_per_prompt, seed)
         with RunDir(out, "sd-extract") as run:
             net = _load(model, device, dtype)
+            if reused is not None and set(reused.provenance["model_id"].tolist()) != {net.model_id}:
+                raise ConfigError(
+                    f"{samples}: generations come from {sorted(set(reused.provenance['model_id'].tolist()))}, "
+                    f"not from {model} ({net.model_id})"
+                )
             run.write_config(
                 {
                     "model": net.describe(),
-                    "prompts_file": str(prompts),
+                    "prompts_file": None if prompts is None else str(prompts),
+                    "samples": None if samples is None else str(samples),
                     "num_prompts": len(texts),
                     "num_per_prompt": num_per_prompt,
                     "first_seeds": firsts,
@@ -149,10 +164,13 @@ def register(app: typer.Typer) -> None:
                     "guidance_scale": guidance_scale,
                 }
             )
-            gens = generate_sd(
-                net, texts, labels, seeds, sampler, num_steps, guidance_scale, batch_size, show_progress=progress
-            )
-            gens.save(run.file("samples.npz"))
+            if reused is None:
+                gens = generate_sd(
+                    net, texts, labels, seeds, sampler, num_steps, guidance_scale, batch_size, show_progress=progress
+                )
+                gens.save(run.file("samples.npz"))
+            else:
+                gens = reused
             train_set = None
             if train is not None:
                 imgs, lab, names, _ = read_folder(train, resolution=net.resolution, channels=3)

@@ -109,7 +109,7 @@ def _fine_tune(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        total += float(loss)
+        total += float(loss.detach())
     model.unet.eval()
     return total / cfg.steps
 

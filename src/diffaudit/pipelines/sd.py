@@ -354,15 +354,21 @@ def load_sd(path: str | Path, device: str = "auto", dtype: str = "auto") -> SDMo
     torch_dtype = resolve_dtype(dtype, dev)
     common = dict(local_files_only=True, use_safetensors=True)
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variants["unet"], **common)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variants["vae"], **common)
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", variant=variants["text_encoder"], **common)
+        unet = UNet2DConditionModel.from_pretrained(
+            path, subfolder="unet", variant=variants["unet"], torch_dtype=torch_dtype, **common
+        )
+        vae = AutoencoderKL.from_pretrained(
+            path, subfolder="vae", variant=variants["vae"], torch_dtype=torch_dtype, **common
+        )
+        text_encoder = CLIPTextModel.from_pretrained(
+            path / "text_encoder", variant=variants["text_encoder"], dtype=torch_dtype, **common
+        )
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: could not load the pipeline ({type(exc).__name__}: {exc})") from exc
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     for module in (unet, vae, text_encoder):
-        module.to(dev, torch_dtype).eval().requires_grad_(False)
+        module.to(dev).eval().requires_grad_(False)
     return SDModel(
         unet, vae, text_encoder, tokenizer, scheduler_config, pipeline_model_id(path, variants["unet"]), path
     )
