@@ -242,6 +242,7 @@ def test_cli_sample_extract_mia_loop(pipe_dir: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     rows2 = [json.loads(x) for x in (tmp_path / "x2" / "metrics.jsonl").read_text().splitlines()]
     assert sorted(r[ex.SEEDS][0] for r in rows2) == [3, 100] and audit.KEY_NOISE_GAP not in rows2[0]
+    assert [r[ex.NUM_GENERATED] for r in rows2] == [3, 3]  # the repeated shard is merged by id
     res = runner.invoke(app, ["sd", "extract", *common, "--out", str(tmp_path / "x3")])
     assert res.exit_code != 0 and "exactly one" in str(res.exception)
 

@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., help=MODEL_HELP),
         out: Path = typer.Option(..., help="run directory to create"),
         prompts: Path = typer.Option(None, help="prompts file (e.g. captions of the most duplicated training images)"),
-        samples: Path = typer.Option(None, help="reuse generations (samples.npz of sd sample shards) instead"),
+        samples: list[Path] = typer.Option(None, help="reuse generations: samples.npz of sd sample (repeat per shard)"),
         train: Path = typer.Option(None, help="folder of training images to match flagged cliques against"),
         num_per_prompt: int = typer.Option(16, min=2, help="generations per prompt (Carlini et al.: 500)"),
         edge_threshold: float = typer.Option(0.1, help="tiled-L2 edge threshold (unpublished; 0.05-0.15 used)"),
@@ -129,11 +129,16 @@ def register(app: typer.Typer) -> None:
         from diffaudit.pipelines import audit
         from diffaudit.pipelines.audit import extract_prompts, generate_sd
 
-        if (prompts is None) == (samples is None):
+        if (prompts is None) == (not samples):
             raise ConfigError("give exactly one of --prompts (generate) or --samples (reuse generations)")
         reused = None
-        if samples is not None:
-            reused = ImageSet.load(samples)
+        if samples:
+            # Shards merge by (prompt, seed), not by content id: identical images from different seeds are exactly
+            # what the clique filter looks for, while a (prompt, seed) pair generated twice is one generation.
+            merged = ImageSet.concat([ImageSet.load(p) for p in samples])
+            keys = np.stack([merged.labels, merged.provenance["seed"]], axis=1)
+            _, first = np.unique(keys, axis=0, return_index=True)
+            reused = merged.subset(np.sort(first))
             texts, labels, seeds = list(reused.class_names), reused.labels, reused.provenance["seed"]
             firsts = [int(seeds[labels == p].min()) for p in range(len(texts)) if (labels == p).any()]
         else:
@@ -141,15 +146,15 @@ def register(app: typer.Typer) -> None:
         with RunDir(out, "sd-extract") as run:
             net = _load(model, device, dtype)
             if reused is not None and set(reused.provenance["model_id"].tolist()) != {net.model_id}:
+                found = sorted(set(reused.provenance["model_id"].tolist()))
                 raise ConfigError(
-                    f"{samples}: generations come from {sorted(set(reused.provenance['model_id'].tolist()))}, "
-                    f"not from {model} ({net.model_id})"
+                    f"{[str(p) for p in samples]}: generations come from {found}, not from {model} ({net.model_id})"
                 )
             run.write_config(
                 {
                     "model": net.describe(),
                     "prompts_file": None if prompts is None else str(prompts),
-                    "samples": None if samples is None else str(samples),
+                    "samples": [str(p) for p in samples or []],
                     "num_prompts": len(texts),
                     "num_per_prompt": num_per_prompt,
                     "first_seeds": firsts,
