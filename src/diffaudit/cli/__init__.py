@@ -31,6 +31,7 @@ _COMMAND_MODULES = [
     "data",
     "train",
     "sample",
+    "loop",
     "guard",
     "tag",
     "scrub",

@@ -1,0 +1,96 @@
+"""``diffaudit loop``: run a self-consuming loop experiment (poisoning then healing) into a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from diffaudit.cli.common import err, print_json
+from diffaudit.errors import ConfigError
+
+_DIFFUSION_SECTIONS = ("data.", "model.", "train.", "sample.")
+
+
+def _parse_settings(items: list[str] | None) -> tuple[dict[str, Any], list[str]]:
+    """Split ``--set`` items into loop settings (``key=value``) and diffusion overrides (``train.lr=...``)."""
+    from diffaudit.config import _parse_value
+
+    settings: dict[str, Any] = {}
+    overrides: list[str] = []
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} must look like key=value (or train.lr=1e-3 for the model)")
+        if key.strip().startswith(_DIFFUSION_SECTIONS):
+            overrides.append(item)
+        else:
+            settings[key.strip()] = _parse_value(raw)
+    return settings, overrides
+
+
+def _classes(spec: str | None) -> tuple[int, ...] | None:
+    if spec is None:
+        return None
+    if spec.strip() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(c) for c in spec.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"--holdout-classes {spec!r} must be comma-separated class indices, e.g. 5,6,7") from exc
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("loop")
+    def loop(
+        out: Path = typer.Option(..., help="run directory to create (or finish with --resume)"),
+        preset: str = typer.Option("nepotism-digits", help="nepotism-digits | mad-digits | gaussian-digits"),
+        quick: bool = typer.Option(False, "--quick", help="a shrunken version that finishes in about a minute"),
+        backend: str = typer.Option(None, help="diffusion | gaussian | gmm; default: the preset's"),
+        mode: str = typer.Option(None, help="replace | accumulate | fresh | fully-synthetic (one arm)"),
+        synthetic_share: float = typer.Option(None, help="synthetic fraction of the training set (one arm)"),
+        synthetic_count: int = typer.Option(None, help="exact number of synthetic images (one arm)"),
+        poison_generations: int = typer.Option(None, min=0),
+        heal_generations: int = typer.Option(None, min=0),
+        holdout_classes: str = typer.Option(None, help="classes that never get synthetic data, e.g. 5,6,7,8,9"),
+        repeats: int = typer.Option(None, min=1, help="independent repeats (seeds seed..seed+R-1)"),
+        seed: int = typer.Option(None),
+        resume: bool = typer.Option(False, "--resume", help="reuse complete generations, redo incomplete ones"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved arms and exit"),
+        set_: list[str] = typer.Option(None, "--set", help="loop setting (base_steps=300) or model override"),
+    ) -> None:
+        """Retrain a model on its own samples for G generations, heal for H, and measure it all."""
+        from diffaudit.loop.engine import run_experiment
+        from diffaudit.loop.presets import build_experiment
+
+        if synthetic_share is not None and synthetic_count is not None:
+            raise ConfigError("give --synthetic-share or --synthetic-count, not both")
+        settings, overrides = _parse_settings(set_)
+        for key, value in (
+            ("backend", backend),
+            ("poison_generations", poison_generations),
+            ("heal_generations", heal_generations),
+            ("holdout_classes", _classes(holdout_classes)),
+            ("repeats", repeats),
+            ("seed", seed),
+        ):
+            if value is not None:
+                settings[key] = value
+        arm: dict[str, Any] = {}
+        if mode is not None:
+            arm["mode"] = mode
+        if synthetic_share is not None:
+            arm.update(synthetic_share=synthetic_share, synthetic_count=None)
+        if synthetic_count is not None:
+            arm.update(synthetic_share=None, synthetic_count=synthetic_count)
+        exp = build_experiment(preset, quick=quick, settings=settings, arm_override=arm or None, overrides=overrides)
+        if dry_run:
+            print_json(exp.to_dict())
+            return
+        summary = run_experiment(exp, out, resume=resume)
+        for name, data in summary["arms"].items():
+            for key, res in data["healing"].items():
+                ratio = "undefined" if res["ratio"] is None else f"{res['ratio']:.2f}"
+                err.print(f"{name}: healing ratio of {key}: {ratio}")
+        err.print(f"loop {exp.name} written to {out} (summary.json, metrics.jsonl, curves.png)")

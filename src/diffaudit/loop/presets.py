@@ -1,0 +1,136 @@
+"""Named loop experiments: Bohacek & Farid's nepotism sweep and the three MAD loops, on digits, plus theory.
+
+Each preset is a base :class:`LoopConfig` and a set of arms (field overrides). ``quick`` variants shrink
+sizes and steps so that an experiment finishes in about a minute on 2 CPU cores (tests, smoke runs); the
+full variants are sized to finish in about 20 minutes on 2 uncontended cores (see docs/findings_loop.md for
+what was measured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffaudit.errors import ConfigError
+from diffaudit.loop.engine import Experiment, LoopConfig, replace_config
+
+
+@dataclass(frozen=True)
+class LoopPreset:
+    name: str
+    description: str
+    base: LoopConfig
+    arms: dict[str, dict[str, Any]]
+    quick: dict[str, Any] = field(default_factory=dict)
+
+
+# Digits: 1797 8x8 images. 900 real training images match Bohacek & Farid's 900 (their 3.3% = 30 of 900).
+_DIGITS = LoopConfig(
+    backend="diffusion",
+    diffusion_preset="digits-8",
+    train_size=900,
+    num_samples=500,
+    base_steps=600,  # ~2.5 min on 2 free cores: recognisable digits, not converged (recorded as a shrink)
+    steps_per_generation=60,  # fine-tuning per generation; Bohacek & Farid do not publish theirs
+    sample_steps=25,
+    guidance_scale=2.0,
+)
+_QUICK_DIGITS = {
+    "train_size": 300,
+    "num_samples": 100,
+    "base_steps": 30,
+    "steps_per_generation": 5,
+    "sample_steps": 5,
+    "poison_generations": 2,
+    "heal_generations": 1,
+    "overrides": (
+        "model.block_out_channels=[8,16]",
+        "model.norm_num_groups=4",
+        "train.batch_size=16",
+        "train.warmup_steps=5",
+    ),
+}
+
+PRESETS: dict[str, LoopPreset] = {
+    p.name: p
+    for p in [
+        LoopPreset(
+            "nepotism-digits",
+            "Bohacek & Farid at small scale: synthetic shares 0, 3.3%, 10%, 25%, 100% of 900; 5 poisoning + 3 "
+            "healing generations, fine-tuning; synthetic data only of digits 0-4 (5-9 held out)",
+            replace_config(_DIGITS, poison_generations=5, heal_generations=3, holdout_classes=(5, 6, 7, 8, 9)),
+            {
+                "share-0": {"synthetic_share": 0.0},
+                "share-3.3": {"synthetic_share": None, "synthetic_count": 30},
+                "share-10": {"synthetic_share": 0.10},
+                "share-25": {"synthetic_share": 0.25},
+                "share-100": {"synthetic_share": 1.0},
+            },
+            _QUICK_DIGITS,
+        ),
+        LoopPreset(
+            "mad-digits",
+            "Alemohammad et al.'s three loops (fully synthetic, synthetic augmentation, fresh data) on digits, "
+            "5 generations, no healing; 50% synthetic in the mixed loops",
+            replace_config(_DIGITS, poison_generations=5, heal_generations=0, train_size=600),
+            {
+                "fully-synthetic": {"mode": "fully-synthetic"},
+                "synthetic-augmentation": {"mode": "replace", "synthetic_share": 0.5},
+                "fresh-data": {"mode": "fresh", "synthetic_share": 0.5},
+            },
+            _QUICK_DIGITS | {"train_size": 200},
+        ),
+        LoopPreset(
+            "gaussian-digits",
+            "The analytic Gaussian backend on the digits pixels: replace vs accumulate, fully synthetic "
+            "(Shumailov; Gerstgrasser), 10 generations",
+            replace_config(
+                _DIGITS,
+                backend="gaussian",
+                train_size=200,
+                num_samples=400,
+                poison_generations=10,
+                heal_generations=3,
+                features="pixels",
+                synthetic_share=1.0,
+            ),
+            {"replace": {"mode": "fully-synthetic"}, "accumulate": {"mode": "accumulate"}},
+            {"poison_generations": 4, "heal_generations": 1, "num_samples": 200},
+        ),
+    ]
+}
+
+
+def get_loop_preset(name: str) -> LoopPreset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown loop preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def build_experiment(
+    name: str,
+    quick: bool = False,
+    settings: dict[str, Any] | None = None,
+    arm_override: dict[str, Any] | None = None,
+    overrides: tuple[str, ...] | list[str] = (),
+) -> Experiment:
+    """The preset's experiment: ``quick`` shrinks it; ``settings`` override fields of every arm;
+    ``arm_override`` (mode / share / count from the command line) replaces the arms with one arm ``custom``;
+    ``overrides`` are diffusion preset overrides (``train.lr=1e-3``) appended to the preset's."""
+    preset = get_loop_preset(name)
+    base = preset.base
+    quick_fields = dict(preset.quick) if quick else {}
+    base = replace_config(base, **quick_fields)
+    if overrides:  # diffusion-model overrides from the command line come after the preset's (and quick's)
+        base = replace_config(base, overrides=tuple(base.overrides) + tuple(overrides))
+    arms_src = {"custom": dict(arm_override)} if arm_override else preset.arms
+    arms = {}
+    for arm_name, fields in arms_src.items():
+        fields = dict(fields)
+        # 30 of 900 is Bohacek & Farid's count; a quick run with a smaller train_size keeps the share (3.3%).
+        scale = quick and not arm_override and base.train_size != preset.base.train_size
+        if scale and fields.get("synthetic_count") is not None:
+            count = fields.pop("synthetic_count")
+            fields["synthetic_count"] = max(1, round(count * base.train_size / preset.base.train_size))
+        arms[arm_name] = replace_config(replace_config(base, **fields), **(settings or {}))
+    return Experiment(arms, name=name + ("-quick" if quick else ""))
