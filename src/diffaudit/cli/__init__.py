@@ -32,6 +32,7 @@ _COMMAND_MODULES = [
     "train",
     "sample",
     "loop",
+    "evaluate",
     "guard",
     "tag",
     "scrub",

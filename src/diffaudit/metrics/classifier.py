@@ -35,7 +35,7 @@ from diffaudit.io import atomic_path, atomic_write_json
 #: Bump when the architecture or training procedure changes: old cache entries then stop matching.
 ARCH_VERSION = 1
 #: Channel widths of the successive conv layers (the last one repeats for deeper inputs).
-_WIDTHS = (32, 64, 128, 128)
+_WIDTHS = (16, 32, 64, 64)
 #: The trunk's conv output is average-pooled to this spatial size, so the head does not depend on H, W.
 _POOLED = 4
 _MIN_SIZE = 4
@@ -104,9 +104,7 @@ class FeatureNet(nn.Module):
         else:
             # An MLP decoder is enough for images up to 64x64 and avoids size bookkeeping in up-convolutions.
             out_dim = channels * height * width
-            self.head = nn.Sequential(
-                nn.Linear(feature_dim, 512), nn.ReLU(), nn.Linear(512, out_dim), nn.Sigmoid()
-            )
+            self.head = nn.Sequential(nn.Linear(feature_dim, 512), nn.ReLU(), nn.Linear(512, out_dim), nn.Sigmoid())
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x)
@@ -131,8 +129,7 @@ def to_input(images: np.ndarray) -> torch.Tensor:
 def check_image_size(height: int, width: int) -> None:
     if min(height, width) < _MIN_SIZE:
         raise DataError(
-            f"images of {height}x{width} are too small for the feature CNN (need at least "
-            f"{_MIN_SIZE}x{_MIN_SIZE})"
+            f"images of {height}x{width} are too small for the feature CNN (need at least {_MIN_SIZE}x{_MIN_SIZE})"
         )
 
 
@@ -147,7 +144,7 @@ class TrainConfig:
     mode: str = "auto"
     feature_dim: int = 128
     epochs: int = 30
-    max_steps: int = 2000
+    max_steps: int = 600
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -162,9 +159,7 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"classifier option {name}={value!r} must be a positive integer")
         if not 0.0 < float(self.holdout_fraction) < 1.0:
-            raise ConfigError(
-                f"classifier option holdout_fraction={self.holdout_fraction!r} must be in (0, 1)"
-            )
+            raise ConfigError(f"classifier option holdout_fraction={self.holdout_fraction!r} must be in (0, 1)")
         if not float(self.lr) > 0:
             raise ConfigError(f"classifier option lr={self.lr!r} must be positive")
 
