@@ -276,3 +276,41 @@ def test_cli_tiny_diffusion_loop(tmp_path):
     )
     init = json.loads((g1 / "model" / "config.json").read_text())["init_model_id"]
     assert init == rows[0]["model_id"]  # generation 1 fine-tuned generation 0
+
+
+class _ToyTagger:
+    """Sets the top-left pixel to 255 and detects it: enough to check the hook plumbing."""
+
+    def embed(self, images):
+        out = images.copy()
+        out[:, :, 0, 0] = 255
+        return out
+
+    def detect(self, images, threshold):
+        return images[:, 0, 0, 0] >= threshold
+
+
+def test_tag_and_scrub_hooks_remove_synthetic_before_retraining(tmp_path):
+    from diffaudit.loop.engine import drop_detected, tag_with
+
+    tagger = _ToyTagger()
+    real = _real(200)
+    real = ImageSet(real.images.clip(0, 200), real.labels, real.class_names)  # no real image looks tagged
+    hooks = LoopHooks(filter_fn=drop_detected(tagger, 255), tag_fn=tag_with(tagger, "toy"))
+    cfg = LoopConfig(
+        backend="gaussian",
+        train_size=60,
+        synthetic_share=0.5,
+        poison_generations=2,
+        heal_generations=0,
+        num_samples=40,
+        features="none",
+    )
+    run_experiment(Experiment({"scrub": cfg}, hooks=hooks), tmp_path / "r", real=real, show_progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["filter"] for r in rows[1:]] == [
+        {"removed": 30, "removed_synthetic": 30, "removed_real": 0, "missed_synthetic": 0}
+    ] * 2
+    assert all(r["train_synthetic"] == 0 for r in rows)
+    samples = ImageSet.load(tmp_path / "r" / "repeat-0" / "scrub" / "gen-001" / "samples.npz")
+    assert (samples.provenance["tag"] == "toy").all() and (samples.images[:, 0, 0, 0] == 255).all()

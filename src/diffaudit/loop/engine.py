@@ -157,6 +157,38 @@ class LoopHooks:
         return {"filter_fn": name(self.filter_fn), "tag_fn": name(self.tag_fn)}
 
 
+def tag_with(tagger: Any, name: str) -> TagFn:
+    """A :data:`TagFn` that embeds ``tagger`` (a :class:`diffaudit.guards.tagging.Tagger`) in every sample and
+    records ``name`` in the ``tag`` provenance column (ids change: the pixels changed)."""
+
+    def tag_fn(samples: ImageSet, generation: int) -> ImageSet:
+        tagged = tagger.embed(samples.images)
+        prov = dict(samples.provenance) | {"tag": name}
+        return ImageSet(tagged, samples.labels, samples.class_names, prov)
+
+    tag_fn.__qualname__ = f"tag_with[{name}]"
+    return tag_fn
+
+
+def drop_detected(tagger: Any, threshold: float) -> FilterFn:
+    """A :data:`FilterFn` that removes the images ``tagger.detect(images, threshold)`` flags, reporting counts
+    (detected, and detected among truly synthetic / real images, from provenance)."""
+
+    def filter_fn(mixed: ImageSet, generation: int) -> tuple[ImageSet, dict[str, Any]]:
+        flagged = np.asarray(tagger.detect(mixed.images, threshold), dtype=bool)
+        syn = mixed.provenance["synthetic"]
+        report = {
+            "removed": int(flagged.sum()),
+            "removed_synthetic": int((flagged & syn).sum()),
+            "removed_real": int((flagged & ~syn).sum()),
+            "missed_synthetic": int((~flagged & syn).sum()),
+        }
+        return mixed.subset(~flagged), report
+
+    filter_fn.__qualname__ = f"drop_detected[{threshold:.6g}]"
+    return filter_fn
+
+
 # ---- backends and data -----------------------------------------------------------------------------------
 def diffusion_preset(cfg: LoopConfig):
     from diffaudit.config import apply_overrides, get_preset
