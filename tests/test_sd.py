@@ -274,3 +274,18 @@ def test_cli_sample_extract_mia_loop(pipe_dir: Path, tmp_path: Path) -> None:
 
     bad = runner.invoke(app, ["sd", "sample", *common, "--prompts", str(prompts), "--out", str(tmp_path / "s")])
     assert bad.exit_code != 0  # the run directory exists
+
+
+def test_full_unet_fine_tuning_changes_only_the_unet(pipe_dir: Path, tmp_path: Path) -> None:
+    from diffaudit.pipelines.loop import SDLoopConfig, run_sd_loop
+
+    net = load_sd(pipe_dir, device="cpu")
+    real, caps = read_captioned_folder(_captioned_folder(tmp_path / "r", 2, 5, True), 32)
+    unet0 = {k: v.clone() for k, v in net.unet.state_dict().items()}
+    vae0 = {k: v.clone() for k, v in net.vae.state_dict().items()}
+    cfg = SDLoopConfig(generations=1, steps=2, batch_size=2, learning_rate=1e-2, num_steps=2, eval_seeds=1)
+    rows = run_sd_loop(net, real, caps, [], cfg)
+    assert [r["num_synthetic"] for r in rows] == [0, 0]  # round(30/900 * 2) = 0 self-generated images
+    assert any(not torch.equal(v, net.unet.state_dict()[k]) for k, v in unet0.items())
+    assert all(torch.equal(v, net.vae.state_dict()[k]) for k, v in vae0.items())
+    assert rows[1]["drift_l2_heldout_prompts"] is None and rows[1]["drift_l2_train_prompts"] > 0
