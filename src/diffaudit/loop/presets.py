@@ -36,7 +36,7 @@ _DIGITS = LoopConfig(
     guidance_scale=2.0,
 )
 _QUICK_DIGITS = {
-    "train_size": 300,
+    "train_size": 150,
     "num_samples": 100,
     "base_steps": 30,
     "steps_per_generation": 5,
@@ -74,11 +74,11 @@ PRESETS: dict[str, LoopPreset] = {
             "5 generations, no healing; 50% synthetic in the mixed loops",
             replace_config(_DIGITS, poison_generations=5, heal_generations=0, train_size=600),
             {
-                "fully-synthetic": {"mode": "fully-synthetic"},
+                "fully-synthetic": {"mode": "fully-synthetic", "synthetic_share": 1.0},
                 "synthetic-augmentation": {"mode": "replace", "synthetic_share": 0.5},
                 "fresh-data": {"mode": "fresh", "synthetic_share": 0.5},
             },
-            _QUICK_DIGITS | {"train_size": 200},
+            _QUICK_DIGITS | {"heal_generations": 0},
         ),
         LoopPreset(
             "gaussian-digits",
