@@ -70,6 +70,10 @@ def test_pickle_only_weights_are_refused(pipe_dir: Path, tmp_path: Path) -> None
     (bad / "unet" / "diffusion_pytorch_model.safetensors").rename(bad / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pickle.*diffusion_pytorch_model.bin"):
         load_sd(bad, device="cpu")
+    (tmp_path / "p.txt").write_text("a cat\n")
+    args = ["sd", "sample", "--model", f"sd:{bad}", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "r")]
+    res = CliRunner().invoke(app, args)
+    assert isinstance(res.exception, CheckpointError) and not (tmp_path / "r").exists()
 
 
 def test_missing_component_is_named(pipe_dir: Path, tmp_path: Path) -> None:

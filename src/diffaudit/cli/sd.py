@@ -21,6 +21,13 @@ from diffaudit.runs import RunDir
 MODEL_HELP = "diffusers pipeline directory (sd:PATH or PATH), safetensors weights"
 
 
+def _check(model: str) -> None:
+    """Validate the pipeline directory before a run directory is created (a bad model leaves no failed run)."""
+    from diffaudit.pipelines.sd import check_pipeline_dir
+
+    check_pipeline_dir(Path(model.removeprefix("sd:")))
+
+
 def _load(model: str, device: str, dtype: str):
     from diffaudit.pipelines.sd import load_sd
 
@@ -66,6 +73,7 @@ def register(app: typer.Typer) -> None:
         from diffaudit.pipelines.audit import generate_sd
 
         texts, labels, seeds, firsts = _prompt_seeds(prompts, num_per_prompt, seed)
+        _check(model)
         with RunDir(out, "sd-sample") as run:
             net = _load(model, device, dtype)
             run.write_config(
@@ -143,6 +151,7 @@ def register(app: typer.Typer) -> None:
             firsts = [int(seeds[labels == p].min()) for p in range(len(texts)) if (labels == p).any()]
         else:
             texts, labels, seeds, firsts = _prompt_seeds(prompts, num_per_prompt, seed)
+        _check(model)
         with RunDir(out, "sd-extract") as run:
             net = _load(model, device, dtype)
             if reused is not None and set(reused.provenance["model_id"].tolist()) != {net.model_id}:
@@ -215,6 +224,7 @@ def register(app: typer.Typer) -> None:
         from diffaudit.pipelines.audit import latent_losses
         from diffaudit.pipelines.prompts import read_captioned_folder
 
+        _check(model)
         with RunDir(out, "sd-mia") as run:
             net = _load(model, device, dtype)
             cfg = {"model": net.describe(), "members": str(members), "nonmembers": str(nonmembers), "t": t}
@@ -276,6 +286,7 @@ def register(app: typer.Typer) -> None:
         )
         cfg.validate()
         held = [e.prompt for e in read_prompts(heldout_prompts)] if heldout_prompts is not None else []
+        _check(model)
         with RunDir(out, "sd-loop") as run:
             net = _load(model, device, dtype)
             real, caps = read_captioned_folder(data, net.resolution)
