@@ -293,3 +293,4 @@ def test_full_unet_fine_tuning_changes_only_the_unet(pipe_dir: Path, tmp_path: P
     assert any(not torch.equal(v, net.unet.state_dict()[k]) for k, v in unet0.items())
     assert all(torch.equal(v, net.vae.state_dict()[k]) for k, v in vae0.items())
     assert rows[1]["drift_l2_heldout_prompts"] is None and rows[1]["drift_l2_train_prompts"] > 0
+    assert rows[0]["model_id"] == load_sd(pipe_dir, device="cpu").model_id != rows[1]["model_id"] == net.model_id

@@ -21,7 +21,7 @@ from diffaudit.data.imageset import ImageSet
 from diffaudit.distances import nearest_neighbors, pairwise_distances
 from diffaudit.errors import ConfigError
 from diffaudit.pipelines.audit import generate_sd, latent_losses
-from diffaudit.pipelines.sd import SDModel, images_to_tensor
+from diffaudit.pipelines.sd import SDModel, images_to_tensor, unet_state_id
 
 # Keys of the per-generation rows.
 KEY_GENERATION = "generation"
@@ -33,6 +33,7 @@ KEY_DRIFT_TRAIN = "drift_l2_train_prompts"
 KEY_DRIFT_HELDOUT = "drift_l2_heldout_prompts"
 KEY_NN_REAL = "nearest_real_l2"
 KEY_DIVERSITY = "diversity_l2"
+KEY_MODEL_ID = "model_id"
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ def run_sd_loop(
             div.append(d[~np.eye(len(d), dtype=bool)].mean() if len(d) > 1 else 0.0)
         row = {
             KEY_GENERATION: g,
+            KEY_MODEL_ID: model.model_id,
             KEY_PHASE: phase,
             KEY_NUM_SYNTHETIC: n_syn,
             KEY_TRAIN_LOSS: train_loss,
@@ -200,6 +202,7 @@ def run_sd_loop(
             latents[torch.from_numpy(pick)] = model.encode_images(images_to_tensor(syn.images)).float().cpu()
         embeds = model.encode_prompts(texts)
         loss = _fine_tune(model, opt, params, latents, embeds, null, cfg, gen)
+        model.model_id = unet_state_id(model.unet)  # the fine-tuned U-Net is a new model for provenance
         measure(g, "heal" if healing else "loop", n_syn, loss, base)
     return rows
 

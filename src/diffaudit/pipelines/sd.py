@@ -121,6 +121,19 @@ def pipeline_model_id(path: str | Path, variant: str | None = None) -> str:
     return "sd-" + digest.hexdigest()[:16]
 
 
+def unet_state_id(unet: torch.nn.Module) -> str:
+    """Content id of in-memory U-Net weights (after fine-tuning): SHA-256 of names, dtypes and bytes, ``sd-...``.
+
+    Not equal to :func:`pipeline_model_id` of the same weights on disk (that hashes the file); it only has to
+    change when the weights do.
+    """
+    digest = hashlib.sha256(b"state:")
+    for name, tensor in sorted(unet.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return "sd-" + digest.hexdigest()[:16]
+
+
 def per_seed_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
     """``float32 (len(seeds), *shape)`` standard normal on CPU; row ``i`` depends only on ``seeds[i]``."""
     return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
