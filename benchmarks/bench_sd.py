@@ -74,7 +74,7 @@ def child(name: str, batch: int, repeats: int) -> dict:
     }
 
 
-def memorize(num_members: int, steps: int, per_prompt: int, seed: int) -> dict:
+def memorize(num_members: int, steps: int, per_prompt: int, seed: int, lr: float = 1e-3) -> dict:
     import numpy as np
     import torch
 
@@ -127,7 +127,7 @@ def memorize(num_members: int, steps: int, per_prompt: int, seed: int) -> dict:
 
     before = audit("before")
     print(json.dumps(before), flush=True)
-    cfg = SDLoopConfig(steps=steps, batch_size=num_members, learning_rate=1e-3, cond_drop_prob=0.1, seed=seed)
+    cfg = SDLoopConfig(steps=steps, batch_size=num_members, learning_rate=lr, cond_drop_prob=0.1, seed=seed)
     params = _trainable(model, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     latents = model.encode_images(images_to_tensor(members.images)).float()
@@ -145,7 +145,14 @@ def memorize(num_members: int, steps: int, per_prompt: int, seed: int) -> dict:
     after = audit("after")
     after.update(train_steps=steps, train_seconds=time.perf_counter() - t0, final_train_loss=loss)
     print(json.dumps(after), flush=True)
-    return {"num_members": num_members, "per_prompt": per_prompt, "seed": seed, "before": before, "after": after}
+    return {
+        "num_members": num_members,
+        "per_prompt": per_prompt,
+        "seed": seed,
+        "lr": lr,
+        "before": before,
+        "after": after,
+    }
 
 
 def main() -> None:
@@ -158,9 +165,10 @@ def main() -> None:
     ap.add_argument("--members", type=int, default=8)
     ap.add_argument("--per-prompt", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=1e-3)
     args = ap.parse_args()
     if args.experiment == "memorize":
-        res = memorize(args.members, args.steps, args.per_prompt, args.seed)
+        res = memorize(args.members, args.steps, args.per_prompt, args.seed, args.lr)
         if args.out:
             with open(args.out, "w") as fh:
                 json.dump(res, fh, indent=2)
