@@ -21,6 +21,7 @@ Results go to OUT/results.json (and OUT is a run directory: manifest.json, confi
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -74,17 +75,20 @@ def ms_per_image(f: CopyFilter, images: np.ndarray, repeats: int = 3) -> float:
     return 1000.0 * best / len(images)
 
 
-def measure_filter(name: str, metric: str, seed: int, num_copies: int) -> tuple[dict[str, Any], Any, ImageSet]:
+def measure_filter(
+    name: str, metric: str, seed: int, num_copies: int, features: str = "pixels"
+) -> tuple[dict[str, Any], Any, ImageSet]:
     data = load_source(name)
     f_cal, f_fresh, fpr = SPLITS[name]
     train, cal, fresh = split3(data, f_cal, f_fresh, seed)
     start = time.perf_counter()
-    index = build_index(train, cal, metric=metric, target_fpr=fpr, seed=seed)
+    index = build_index(train, cal, features=features, metric=metric, target_fpr=fpr, seed=seed)
     build_s = time.perf_counter() - start
     res: dict[str, Any] = {
         "source": name,
         "shape": list(data.shape),
-        "metric": metric,
+        "metric": index.metric,
+        "features": features,
         "sizes": {"train": len(train), "calibration": len(cal), "fresh": len(fresh)},
         "target_fpr": fpr,
         "calibration": index.calibration,
@@ -96,7 +100,7 @@ def measure_filter(name: str, metric: str, seed: int, num_copies: int) -> tuple[
     over: dict[str, list[float]] = {"calibrated": [], "absolute": []}
     for s in range(seed, seed + 5):
         tr, ca, fr = split3(data, f_cal, f_fresh, s)
-        ix = build_index(tr, ca, metric=metric, target_fpr=fpr, seed=s)
+        ix = build_index(tr, ca, features=features, metric=metric, target_fpr=fpr, seed=s)
         for r in over:
             over[r].append(float(CopyFilter(ix, r).blocked_mask(fr).mean()))
     res["fresh_over_seeds"] = {r: {"mean": float(np.mean(v)), "per_seed": v} for r, v in over.items()}
@@ -120,7 +124,7 @@ def measure_filter(name: str, metric: str, seed: int, num_copies: int) -> tuple[
         }
     queries = np.concatenate([fresh.images] * max(1, 512 // len(fresh)))[:512]
     res["ms_per_image"] = {"exact": ms_per_image(rules["calibrated"], queries)}
-    if metric == "l2":
+    if index.metric == "l2":
         try:
             res["ms_per_image"]["faiss"] = ms_per_image(CopyFilter(index, "calibrated", backend="faiss"), queries)
         except Exception as exc:  # faiss missing: record why, keep the exact number
@@ -181,8 +185,8 @@ def measure_model(index: Any, train: ImageSet, steps: int, num_samples: int, out
 LOOP_SETTINGS = {
     # Shrunk from the nepotism-digits preset (base 600 steps, 5 + 3 generations, 500 samples) to fit a shared
     # 2-core machine three times over; recorded in results.json.
-    "base_steps": 200,
-    "steps_per_generation": 30,
+    "base_steps": 150,
+    "steps_per_generation": 25,
     "poison_generations": 3,
     "heal_generations": 1,
     "num_samples": 200,
@@ -209,19 +213,29 @@ def run_loops(out: Path, amplitude: float, key: int, seed: int) -> dict[str, Any
         "tag_threshold_rule": "calibrated on the 1797 real digits at 1% FPR",
         "arms": {},
     }
-    for arm in ("plain", "tag-only", "tag-scrub"):
+    for arm in ("plain", "tag-scrub", "tag-only"):
         exp = build_experiment(
             "nepotism-digits", settings=LOOP_SETTINGS | {"seed": seed}, arm_override={"synthetic_share": LOOP_SHARE}
         )
         tag_fn = LoopTagger(tagger, threshold) if arm != "plain" else None
         filter_fn = make_loop_filter(tagger, threshold) if arm == "tag-scrub" else None
         exp.hooks = LoopHooks(filter_fn=filter_fn, tag_fn=tag_fn)
+        resume = False
+        if arm != "plain":
+            # Generation 0 is the same model in every arm (same seed, real data only); reuse the plain arm's
+            # instead of training it again on a shared machine, with its samples tagged as tag_fn would have.
+            g0 = out / f"loop-{arm}" / "repeat-0" / "gen-000"
+            shutil.copytree(out / "loop-plain" / "repeat-0" / "gen-000", g0)
+            samples = ImageSet.load(g0 / "samples.npz")
+            tag_fn(samples, 0).save(g0 / "samples.npz")
+            resume = True
         start = time.perf_counter()
-        summary = run_experiment(exp, out / f"loop-{arm}", show_progress=False, plots=False)
+        summary = run_experiment(exp, out / f"loop-{arm}", resume=resume, show_progress=False, plots=False)
         curves = summary["arms"]["custom"]["curves"]
         rows = [r for r in _rows(out / f"loop-{arm}") if r.get("arm") == "custom"]
         res["arms"][arm] = {
             "seconds": time.perf_counter() - start,
+            "generation_0": "trained here" if arm == "plain" else "reused from the plain arm (samples tagged)",
             "curves": {k: curves[k]["mean"] for k in LOOP_METRICS if k in curves},
             "inherited_tag_rate": {} if tag_fn is None else tag_fn.inherited,
             "filter": [
@@ -240,6 +254,7 @@ def run_loops(out: Path, amplitude: float, key: int, seed: int) -> dict[str, Any
                 if "filter" in r
             ],
         }
+        atomic_write_json(out / "loop_results.partial.json", res)
         print(arm, res["arms"][arm], flush=True)
     return res
 
@@ -269,12 +284,14 @@ def main() -> None:
             return
         results: dict[str, Any] = {"filters": []}
         digits_index = digits_train = None
-        for name, metric in (("digits", "l2"), ("digits", "tiled"), ("faces", "l2")):
-            res, index, train = measure_filter(name, metric, args.seed, args.num_copies)
+        runs = (("digits", "l2", "pixels"), ("digits", "tiled", "pixels"), ("digits", "l2", "classifier"),
+                ("faces", "l2", "pixels"))  # fmt: skip
+        for name, metric, features in runs:
+            res, index, train = measure_filter(name, metric, args.seed, args.num_copies, features)
             results["filters"].append(res)
-            run.log({k: res[k] for k in ("source", "metric", "fresh_false_block_rate", "ms_per_image")})
-            print(name, metric, res["fresh_false_block_rate"], res["ms_per_image"], flush=True)
-            if name == "digits" and metric == "l2":
+            run.log({k: res[k] for k in ("source", "features", "metric", "fresh_false_block_rate", "ms_per_image")})
+            print(name, features, metric, res["fresh_false_block_rate"], res["ms_per_image"], flush=True)
+            if name == "digits" and metric == "l2" and features == "pixels":
                 digits_index, digits_train = index, train
         atomic_write_json(args.out / "results.json", results)
         if args.steps > 0:
@@ -289,7 +306,7 @@ def main() -> None:
 def print_tables(results: dict[str, Any]) -> None:
     for res in results["filters"]:
         cal = res["calibration"]["calibrated"]
-        print(f"\n### {res['source']} {res['shape']} metric={res['metric']} sizes={res['sizes']}")
+        print(f"\n### {res['source']} {res['shape']} {res['features']} metric={res['metric']} sizes={res['sizes']}")
         print(f"calibrated threshold {cal['threshold']:.4f} (target {res['target_fpr']}, achieved on calibration "
               f"{cal['achieved_false_block_rate']:.3f})")  # fmt: skip
         print(f"fresh false-block: {res['fresh_false_block_rate']}; over seeds: {res['fresh_over_seeds']}")
