@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-memorization", action="store_true")
     parser.add_argument(
         "--configs",
-        default="8x1:classifier,8x1:random-cnn,8x1:pixels,32x3:classifier,32x3:random-cnn",
+        default=DEFAULT_CONFIGS,
         help="comma list of SIZExCHANNELS:FEATURES",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch and BLAS threads (0: library default)")
@@ -128,13 +128,23 @@ def main(argv: list[str] | None = None) -> None:
         shape, features = item.split(":")
         size, channels = shape.split("x")
         configs.append((int(size), int(channels), features))
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = {
-        "torch_threads": __import__("torch").get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
+        "blas_threads": args.threads or "default",
         "cpus": os.cpu_count(),
+        "load_avg_start": os.getloadavg()[0],
         "python": sys.version.split()[0],
+        "torch": torch.__version__,
     }
     print(json.dumps(env))
-    rows = run(args.num_images, configs, args.bootstrap, not args.no_memorization)
+    with threadpool_limits(args.threads or None):
+        rows = run(args.num_images, configs, args.bootstrap, not args.no_memorization)
+    env["load_avg_end"] = os.getloadavg()[0]
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
             json.dump({"env": env, "rows": rows}, fh, indent=2, default=str)
