@@ -108,9 +108,7 @@ def test_classifier_accuracy_and_description(trained: F.FeatureExtractor, digits
     assert np.array_equal(a, trained(digits, batch_size=1797))
 
 
-def test_cache_hit_is_identical_and_order_independent(
-    trained: F.FeatureExtractor, digits: ImageSet, cache_dir
-) -> None:
+def test_cache_hit_is_identical_and_order_independent(trained: F.FeatureExtractor, digits: ImageSet, cache_dir) -> None:
     shuffled = digits.subset(np.random.default_rng(3).permutation(len(digits)))
     again = F.get_extractor(F.CLASSIFIER, shuffled, cache_dir=str(cache_dir))
     assert again.describe()[F.KEY_CACHE_HIT] is True

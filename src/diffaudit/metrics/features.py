@@ -249,9 +249,7 @@ def get_extractor(name: str, reference: ImageSet, **options: Any) -> FeatureExtr
     known = extractor_options(name)
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ConfigError(
-            f"feature extractor {name!r} takes no option(s) {unknown}; it takes {sorted(known)}"
-        )
+        raise ConfigError(f"feature extractor {name!r} takes no option(s) {unknown}; it takes {sorted(known)}")
     if not isinstance(reference, ImageSet):
         raise DataError(f"the reference must be an ImageSet, got {type(reference).__name__}")
     if len(reference) == 0:
