@@ -335,15 +335,10 @@ def _make_classifier(
 
 
 @register_extractor(INCEPTION)
-def _make_inception(reference: ImageSet, *, weights: str | None = None) -> FeatureExtractor:
-    # Why not supported: Inception-v3 ships with torchvision (which does not import beside this CPU torch
-    # build) and its weights would have to be downloaded; an audit tool must also never unpickle a user's
-    # .pth file. Rather than half-support it, say so and point at the in-house extractors.
-    where = f" (got weights={weights!r})" if weights is not None else ""
-    raise ConfigError(
-        "the 'inception' feature extractor is not available in this build" + where + ": diffaudit never "
-        "downloads weights, torchvision (which defines Inception-v3) is not installed, and .pth/.pt pickles "
-        f"are refused. Use --features {CLASSIFIER} (a CNN trained on the reference set, the 'LeNet FID' "
-        f"practice) or {RANDOM_CNN}; to compare with published Inception FIDs, compute Inception features "
-        "elsewhere and pass them to diffaudit.metrics.distribution.compute_metrics. See docs/metrics.md."
-    )
+def _make_inception(reference: ImageSet, *, weights: str | None = None, device: str = "cpu") -> FeatureExtractor:
+    # Inception-v3 (FID variant) in plain torch, from a local safetensors file the user supplies: never
+    # downloaded, never unpickled (.pth/.pt are refused). Without ``weights`` this is a ConfigError that says how
+    # to make the file and points at the in-house extractors. See diffaudit.metrics.inception, docs/metrics.md.
+    from diffaudit.metrics import inception
+
+    return inception.make_inception_extractor(reference.shape, weights, device)
