@@ -11,8 +11,8 @@ extractor trains on it. Registered names (see :func:`available_extractors`):
   its penultimate layer. Cached on disk (see :mod:`diffaudit.metrics.classifier`).
 * ``random-cnn`` -- the same CNN trunk at a seeded random initialisation: the standard sanity check.
 * ``pixels`` -- flattened pixels in [0, 1].
-* ``inception`` -- not bundled: no weights are downloaded and torchvision does not import here; asking for it
-  raises a :class:`~diffaudit.errors.ConfigError` that explains what to use instead (docs/metrics.md).
+* ``inception`` -- the FID Inception-v3 (2048-d pool3), only from a local safetensors file the user supplies
+  (``weights=PATH``); nothing is downloaded and pickles are refused (diffaudit.metrics.inception, docs/metrics.md).
 """
 
 from __future__ import annotations
