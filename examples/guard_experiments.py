@@ -16,6 +16,10 @@ part that is indexed, a calibration part (held-out real images that set the thre
   samples each rule blocks, and what guarded sampling (re-sample blocked seeds, at most 5 times) costs.
 
 Results go to OUT/results.json (and OUT is a run directory: manifest.json, config.json, metrics.jsonl).
+
+With ``--loop`` it instead runs the loop engine's nepotism-digits preset (shrunk, 25% synthetic) three times:
+plain, tag-only (every generation's samples tagged) and tag-scrub (tagged, and tagged images removed from each
+training mix), and writes OUT/loop_results.json (about 15 minutes on a busy 2-core machine).
 """
 
 from __future__ import annotations
