@@ -105,3 +105,38 @@ def test_npz_source_through_cli(tmp_path):
     ImageSet(np.zeros((3, 1, 8, 8), np.uint8), [0, 1, 2], ("a", "b", "c")).save(tmp_path / "d.npz")
     result = runner.invoke(app, ["data", "show", f"npz:{tmp_path / 'd.npz'}", "--grid", str(tmp_path / "g.png")])
     assert result.exit_code == 0 and json.loads(result.output)["num_classes"] == 3
+
+
+def test_sample_with_guard_records_blocked_outputs(tmp_path):
+    """A guard index built from the model's own samples blocks them all: each is re-sampled and recorded."""
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["train", "--out", str(run), "--steps", "2", "--grid-images", "0", *TINY]).exit_code == 0
+    first = tmp_path / "first.npz"
+    args = ["sample", "--model", str(run), "--num-images", "4", "--num-steps", "3"]
+    assert runner.invoke(app, [*args, "--out", str(first)]).exit_code == 0
+    index = tmp_path / "index"
+    result = runner.invoke(
+        app,
+        [
+            "guard",
+            "build",
+            "--data",
+            f"npz:{first}",
+            "--out",
+            str(index),
+            "--holdout-fraction",
+            "0.5",
+            "--calibrate-fpr",
+            "0.5",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    guarded = tmp_path / "guarded.npz"
+    result = runner.invoke(app, [*args, "--out", str(guarded), "--guard", str(index), "--guard-retries", "2"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "guarded.guard.json").read_text())
+    indexed_seeds = {int(s) for s in ImageSet.load(first).provenance["seed"]}
+    blocked_seeds = {int(b["seed"]) for b in record["blocked"]}
+    # the indexed outputs (the seeds that made the index's training half) must be among the blocked ones
+    assert blocked_seeds & indexed_seeds
+    assert all(int(s) not in blocked_seeds for s in ImageSet.load(guarded).provenance["seed"])

@@ -110,3 +110,12 @@ def test_overrides():
         apply_overrides(PRESETS["digits-8"], ["foo.x=1"])
     with pytest.raises(ConfigError, match="expected int"):
         apply_overrides(PRESETS["digits-8"], ["train.steps=abc"])
+
+
+def test_overrides_validated_together():
+    p = apply_overrides(
+        PRESETS["digits-8"], ["model.block_out_channels=[8,16,32]", "model.attention_levels=[false,false,true]"]
+    )
+    assert p.model.block_out_channels == (8, 16, 32) and p.model.attention_levels == (False, False, True)
+    with pytest.raises(ConfigError, match="attention_levels"):
+        apply_overrides(PRESETS["digits-8"], ["model.block_out_channels=[8,16,32]"])

@@ -184,8 +184,13 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
 
 
 def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
-    """Apply ``section.field=value`` overrides to ``preset``; unknown sections or fields are errors."""
+    """Apply ``section.field=value`` overrides to ``preset``; unknown sections or fields are errors.
+
+    All overrides of a section are applied together and validated once, so fields that must agree (e.g.
+    ``model.block_out_channels`` and ``model.attention_levels``) can be changed in either order.
+    """
     sections = {"data": preset.data, "model": preset.model, "train": preset.train, "sample": preset.sample}
+    changes: dict[str, dict[str, Any]] = {name: {} for name in sections}
     for item in overrides:
         key, sep, raw = item.partition("=")
         section, dot, name = key.strip().partition(".")
@@ -197,6 +202,8 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
         names = {f.name for f in dataclasses.fields(obj)}
         if name not in names:
             raise ConfigError(f"override {item!r}: {section} has no field {name!r}; known: {sorted(names)}")
-        value = _coerce(_parse_value(raw), getattr(obj, name), key)
-        sections[section] = dataclasses.replace(obj, **{name: value})
-    return dataclasses.replace(preset, **sections)  # type: ignore[arg-type]
+        changes[section][name] = _coerce(_parse_value(raw), getattr(obj, name), key)
+    updated = {
+        name: dataclasses.replace(obj, **changes[name]) if changes[name] else obj for name, obj in sections.items()
+    }
+    return dataclasses.replace(preset, **updated)  # type: ignore[arg-type]
