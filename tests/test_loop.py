@@ -279,24 +279,30 @@ def test_cli_tiny_diffusion_loop(tmp_path):
 
 
 class _ToyTagger:
-    """Sets the top-left pixel to 255 and detects it: enough to check the hook plumbing."""
+    """Sets the top-left pixel to 255 and scores it: enough to check the hook plumbing."""
+
+    name = "toy"
+    params: dict = {}
 
     def embed(self, images):
         out = images.copy()
         out[:, :, 0, 0] = 255
         return out
 
+    def score(self, images):
+        return images[:, 0, 0, 0].astype(float)
+
     def detect(self, images, threshold):
-        return images[:, 0, 0, 0] >= threshold
+        return self.score(images) > threshold
 
 
 def test_tag_and_scrub_hooks_remove_synthetic_before_retraining(tmp_path):
-    from diffaudit.loop.engine import drop_detected, tag_with
+    from diffaudit.guards.scrub import LoopTagger, make_loop_filter
 
     tagger = _ToyTagger()
     real = _real(200)
     real = ImageSet(real.images.clip(0, 200), real.labels, real.class_names)  # no real image looks tagged
-    hooks = LoopHooks(filter_fn=drop_detected(tagger, 255), tag_fn=tag_with(tagger, "toy"))
+    hooks = LoopHooks(filter_fn=make_loop_filter(tagger, 254.5), tag_fn=LoopTagger(tagger))
     cfg = LoopConfig(
         backend="gaussian",
         train_size=60,
@@ -308,9 +314,54 @@ def test_tag_and_scrub_hooks_remove_synthetic_before_retraining(tmp_path):
     )
     run_experiment(Experiment({"scrub": cfg}, hooks=hooks), tmp_path / "r", real=real, show_progress=False)
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["filter"] for r in rows[1:]] == [
-        {"removed": 30, "removed_synthetic": 30, "removed_real": 0, "missed_synthetic": 0}
-    ] * 2
+    for row in rows[1:]:
+        f = row["filter"]
+        assert (f["synthetic_removed"], f["real_removed"], f["synthetic_slipped"]) == (30, 0, 0)
     assert all(r["train_synthetic"] == 0 for r in rows)
     samples = ImageSet.load(tmp_path / "r" / "repeat-0" / "scrub" / "gen-001" / "samples.npz")
-    assert (samples.provenance["tag"] == "toy").all() and (samples.images[:, 0, 0, 0] == 255).all()
+    assert (samples.provenance["tag"] == "toy:").all() and (samples.images[:, 0, 0, 0] == 255).all()
+
+
+def test_cli_tag_and_scrub_removes_synthetic_before_retraining(tmp_path):
+    """--tag-and-scrub: synthetic images carry the tag, the filter drops them, real ones mostly pass."""
+    out = tmp_path / "run"
+    args = [
+        "loop",
+        "--preset",
+        "gaussian-digits",
+        "--quick",
+        "--out",
+        str(out),
+        "--backend",
+        "gaussian",
+        "--mode",
+        "replace",
+        "--synthetic-count",
+        "40",
+        "--poison-generations",
+        "2",
+        "--heal-generations",
+        "0",
+        "--set",
+        "train_size=100",
+        "--set",
+        "num_samples=60",
+        "--set",
+        "features=none",
+        "--tag-and-scrub",
+        "--tag-amplitude",
+        "48",
+        "--tag-fpr",
+        "0.05",
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    info = json.loads((out / "safeguard.json").read_text())
+    assert info["realised_fpr_on_real"] <= 0.1 and info["tagger"].startswith("spread-spectrum")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    poisoned = [r for r in rows if r.get("filter")]
+    assert len(poisoned) == 2
+    for row in poisoned:
+        f = row["filter"]
+        assert f["synthetic_in"] == 40 and f["synthetic_removed"] >= 36  # >= 90% of tagged images caught
+        assert f["real_removed"] <= 10

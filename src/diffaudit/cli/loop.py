@@ -9,6 +9,7 @@ import typer
 
 from diffaudit.cli.common import err, print_json
 from diffaudit.errors import ConfigError
+from diffaudit.io import atomic_write_json
 
 _DIFFUSION_SECTIONS = ("data.", "model.", "train.", "sample.")
 
@@ -59,6 +60,14 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="reuse complete generations, redo incomplete ones"),
         dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved arms and exit"),
         set_: list[str] = typer.Option(None, "--set", help="loop setting (base_steps=300) or model override"),
+        tag_and_scrub: bool = typer.Option(
+            False, "--tag-and-scrub", help="tag every synthetic image and remove detected images before retraining"
+        ),
+        tag_key: int = typer.Option(1234, help="spread-spectrum key for --tag-and-scrub"),
+        tag_amplitude: float = typer.Option(
+            3.0, help="tag strength in uint8 levels (8x8 digits need ~48, which is visible: docs/tagging.md)"
+        ),
+        tag_fpr: float = typer.Option(0.01, help="false-positive rate on real images for the tag threshold"),
     ) -> None:
         """Retrain a model on its own samples for G generations, heal for H, and measure it all."""
         from diffaudit.loop.engine import run_experiment
@@ -88,7 +97,18 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             print_json(exp.to_dict())
             return
+        tag_fn = None
+        if tag_and_scrub:
+            from diffaudit.loop.engine import load_real
+            from diffaudit.loop.safeguards import tag_and_scrub_hooks
+
+            real, _ = load_real(exp.first)
+            exp.hooks, tag_fn, tag_info = tag_and_scrub_hooks(real, tag_key, tag_amplitude, tag_fpr)
         summary = run_experiment(exp, out, resume=resume)
+        if tag_fn is not None:
+            tag_info["inherited_tag_rate_by_generation"] = tag_fn.inherited
+            atomic_write_json(out / "safeguard.json", tag_info)
+            err.print(f"tag-and-scrub: threshold {tag_info['threshold']:.4g}; see {out / 'safeguard.json'}")
         for name, data in summary["arms"].items():
             for key, res in data["healing"].items():
                 ratio = "undefined" if res["ratio"] is None else f"{res['ratio']:.2f}"

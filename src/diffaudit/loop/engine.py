@@ -137,6 +137,7 @@ def replace_config(cfg: LoopConfig, **fields: Any) -> LoopConfig:
 
 
 # ---- hooks for the safeguards --------------------------------------------------------------------------------
+# Implementations live in diffaudit.guards.scrub (make_loop_filter, LoopTagger); the engine only calls them.
 #: ``filter_fn(mixed, generation) -> (kept, report)``: called on each poisoning generation's training set
 #: before retraining (e.g. detect tagged synthetic images and drop them); ``report`` is stored in the row.
 FilterFn = Callable[[ImageSet, int], tuple[ImageSet, dict[str, Any]]]
@@ -155,38 +156,6 @@ class LoopHooks:
             return None if fn is None else getattr(fn, "__qualname__", type(fn).__name__)
 
         return {"filter_fn": name(self.filter_fn), "tag_fn": name(self.tag_fn)}
-
-
-def tag_with(tagger: Any, name: str) -> TagFn:
-    """A :data:`TagFn` that embeds ``tagger`` (a :class:`diffaudit.guards.tagging.Tagger`) in every sample and
-    records ``name`` in the ``tag`` provenance column (ids change: the pixels changed)."""
-
-    def tag_fn(samples: ImageSet, generation: int) -> ImageSet:
-        tagged = tagger.embed(samples.images)
-        prov = dict(samples.provenance) | {"tag": name}
-        return ImageSet(tagged, samples.labels, samples.class_names, prov)
-
-    tag_fn.__qualname__ = f"tag_with[{name}]"
-    return tag_fn
-
-
-def drop_detected(tagger: Any, threshold: float) -> FilterFn:
-    """A :data:`FilterFn` that removes the images ``tagger.detect(images, threshold)`` flags, reporting counts
-    (detected, and detected among truly synthetic / real images, from provenance)."""
-
-    def filter_fn(mixed: ImageSet, generation: int) -> tuple[ImageSet, dict[str, Any]]:
-        flagged = np.asarray(tagger.detect(mixed.images, threshold), dtype=bool)
-        syn = mixed.provenance["synthetic"]
-        report = {
-            "removed": int(flagged.sum()),
-            "removed_synthetic": int((flagged & syn).sum()),
-            "removed_real": int((flagged & ~syn).sum()),
-            "missed_synthetic": int((~flagged & syn).sum()),
-        }
-        return mixed.subset(~flagged), report
-
-    filter_fn.__qualname__ = f"drop_detected[{threshold:.6g}]"
-    return filter_fn
 
 
 # ---- backends and data -----------------------------------------------------------------------------------
