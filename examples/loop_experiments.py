@@ -1,4 +1,4 @@
-"""Reproduce the self-consuming-loop findings at small scale (docs/findings_loop.md).
+"""Reproduce the self-consuming-loop findings at small scale (docs/loop.md).
 
     OMP_NUM_THREADS=1 nice python examples/loop_experiments.py --out /tmp/loop-findings [--scale small|full]
 
@@ -24,7 +24,7 @@ from diffaudit.loop.presets import build_experiment
 
 SMALL_MODEL = ("model.block_out_channels=[16,32]", "model.norm_num_groups=8", "train.batch_size=64")
 # name -> (loop settings, diffusion overrides, arms kept (None: all)). Shrunk because the shared 2-core machine
-# gave each job ~15% of a core while these ran; docs/findings_loop.md says what each shrink changes.
+# gave each job ~15% of a core while these ran; docs/loop.md says what each shrink changes.
 SMALL = {
     "nepotism-digits": (
         {"base_steps": 300, "steps_per_generation": 20, "num_samples": 300, "train_size": 300},

@@ -27,18 +27,19 @@ console = Console(stderr=True)
 
 # One module per command (group); each defines register(app: typer.Typer) -> None.
 _COMMAND_MODULES = [
-    "extract",
     "data",
     "train",
     "sample",
-    "loop",
     "evaluate",
+    "loop",
+    "extract",
+    "mia",
     "guard",
     "tag",
     "scrub",
-    "mia",
-    "report",
     "sd",
+    "report",
+    "demo",
 ]
 
 for _name in _COMMAND_MODULES:

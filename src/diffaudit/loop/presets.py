@@ -2,7 +2,7 @@
 
 Each preset is a base :class:`LoopConfig` and a set of arms (field overrides). ``quick`` variants shrink
 sizes and steps so that an experiment finishes in about a minute on 2 CPU cores (tests, smoke runs); the
-full variants are sized to finish in about 20 minutes on 2 uncontended cores (see docs/findings_loop.md for
+full variants are sized to finish in about 20 minutes on 2 uncontended cores (see docs/loop.md for
 what was measured).
 """
 

@@ -1,0 +1,30 @@
+import json
+
+import pytest
+
+from diffaudit.demo import run_demo, stages
+
+
+def test_quick_demo_end_to_end_and_rerun_skips(tmp_path):
+    out = tmp_path / "demo"
+    report = run_demo(out, quick=True, log=lambda msg: None)
+    page = report.read_text()
+    for stage in stages(quick=True):
+        if stage.run_dir:
+            manifest = json.loads((out / stage.run_dir / "manifest.json").read_text())
+            assert manifest["status"] == "finished", stage.name
+            assert f"{manifest['kind']}: {stage.run_dir}" in page
+    assert (out / "guard" / "decisions.json").exists()
+    assert (out / "loop-tag-scrub" / "safeguard.json").exists()
+    assert page.count("data:image/png;base64,") >= 8
+    # a second run finds everything finished and only rewrites the report
+    messages: list[str] = []
+    run_demo(out, quick=True, log=messages.append)
+    assert all("skipped" in m for m in messages) and len(messages) == len(stages(quick=True))
+
+
+@pytest.mark.slow
+def test_full_demo(tmp_path):
+    """The default demo (about 15 minutes on 2 cores)."""
+    report = run_demo(tmp_path / "demo", quick=False, log=lambda msg: None)
+    assert report.exists()
