@@ -107,6 +107,9 @@ PRESETS: dict[str, Preset] = {
                 attention_levels=(False, False, False),
             ),
             TrainConfig(steps=700, batch_size=32, lr=2e-3),
+            # After 3 minutes of training, deterministic samplers (DDIM, DPM-Solver++) leave about a third of the
+            # 32x32 samples speckled; ancestral DDPM gives clean ones (measured on glyphs-32, seeds 0-19).
+            SampleConfig(sampler="ddpm", num_steps=250, guidance_scale=2.0, batch_size=100),
         ),
         Preset(
             "glyphs-32",
@@ -120,6 +123,9 @@ PRESETS: dict[str, Preset] = {
                 attention_levels=(False, False, False),
             ),
             TrainConfig(steps=700, batch_size=32, lr=2e-3),
+            # After 3 minutes of training, deterministic samplers (DDIM, DPM-Solver++) leave about a third of the
+            # 32x32 samples speckled; ancestral DDPM gives clean ones (measured on glyphs-32, seeds 0-19).
+            SampleConfig(sampler="ddpm", num_steps=250, guidance_scale=2.0, batch_size=100),
         ),
         Preset(
             "digits-32-gpu",

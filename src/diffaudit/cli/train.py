@@ -52,7 +52,11 @@ def register(app: typer.Typer) -> None:
                     images.class_names,
                     show_progress=False,
                 )
-                save_grid(samples.images, run.file("samples-grid.png"), ncols=max(1, images.num_classes or 10))
+                save_grid(
+                    samples.images,
+                    run.file("samples-grid.png"),
+                    ncols=images.num_classes if images.num_classes >= 2 else 10,
+                )
             save_grid(images.images, run.file("data-grid.png"))
         err.print(f"model {model_id} written to {out / 'model'}")
 
