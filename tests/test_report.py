@@ -106,3 +106,46 @@ def test_report_in_headless_chromium(tmp_path):
 
     pixels = np.asarray(Image.open(BytesIO(shot)).convert("L"))
     assert pixels.std() > 5, "screenshot is blank"
+
+
+def test_kind_specific_findings(tmp_path):
+    """extract, mia and loop runs get sentences with their numbers."""
+    ext = _fake_run(tmp_path / "e", kind="extract")
+    atomic_write_json(
+        ext / "results.json",
+        {
+            "params": {"delta": 0.15, "min_clique": 10},
+            "edge_threshold": {"value": 0.2},
+            "summary": {"num_labels": 1, "num_flagged": 1, "num_extracted": 1},
+            "untargeted": {
+                "summary": {
+                    "alpha": 0.5,
+                    "n_neighbors_used": 50,
+                    "num_train_extracted": 12,
+                    "num_train": 100,
+                    "num_extracted": 30,
+                    "num_generated": 500,
+                    "frac_within_delta": 0.4,
+                }
+            },
+        },
+    )
+    mia = _fake_run(tmp_path / "m", kind="mia")
+    atomic_write_json(
+        mia / "results.json",
+        {
+            "attacks": {
+                "lira-online": {
+                    "auc": 0.99,
+                    "tpr@1%fpr": 0.8,
+                    "t": 100,
+                    "num_members": 50,
+                    "num_nonmembers": 50,
+                    "below_resolution": [],
+                }
+            }
+        },
+    )
+    page = build_report([ext, mia])
+    assert "12 of 100 training images extracted" in page
+    assert "lira-online: AUC 0.99, TPR at 1% FPR 0.8, t = 100" in page
