@@ -20,7 +20,8 @@ from diffaudit.runs import read_manifest
 
 MAX_IMAGES_PER_RUN = 24
 MAX_IMAGE_BYTES = 3 * 2**20
-RESULT_FILES = ("results.json", "summary.json", "metrics.json", "decisions.json", "index.json")
+# summary.json (loop) is summarised by its findings; its nested curves make a poor table.
+RESULT_FILES = ("results.json", "metrics.json", "decisions.json", "index.json")
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#1b1b1b;
@@ -30,7 +31,7 @@ h3{font-size:1.05rem;margin-top:1.4rem}
 table{border-collapse:collapse;margin:.5rem 0;font-size:.85rem}td,th{border:1px solid #ddd;padding:.2rem .5rem;
 text-align:left;vertical-align:top}th{background:#f4f4f4}
 .findings li{margin:.3rem 0}.figs{display:flex;flex-wrap:wrap;gap:1rem}
-figure{margin:0;max-width:520px}figure img{max-width:100%;image-rendering:pixelated;border:1px solid #ddd}
+figure{margin:0;max-width:100%}figure img{max-width:100%;image-rendering:pixelated;border:1px solid #ddd}
 figcaption{font-size:.8rem;color:#555}pre{background:#f7f7f7;padding:.6rem;overflow-x:auto;font-size:.78rem}
 .meta{color:#555;font-size:.85rem}.warn{color:#9a3412}
 """
