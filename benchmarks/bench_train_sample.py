@@ -8,7 +8,7 @@ Sampling: images/s for DDPM-1000, DDIM-50 and DPM-Solver++-20 through ``Diffusio
 per-sample seeds, guidance 2 with both passes in one batch), against a plain diffusers loop under ``no_grad``.
 
 Usage: ``python benchmarks/bench_train_sample.py [--presets digits-8,faces-32,glyphs-32] [--steps 30]``
-Writes a markdown table to stdout and to ``docs/benchmarks_train_sample.md``.
+Writes a markdown table to stdout and to ``--out`` (results are copied into docs/benchmarks.md by hand).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="training steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sample-images", type=int, default=64)
-    parser.add_argument("--out", default="docs/benchmarks_train_sample.md")
+    parser.add_argument("--out", default="benchmark-train-sample.md", help="markdown table written here")
     args = parser.parse_args()
 
     env = environment_info()
