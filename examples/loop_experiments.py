@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from diffaudit.data.imageset import ImageSet
 from diffaudit.io import atomic_write_json
-from diffaudit.loop.engine import LoopConfig, run_experiment, run_repeat
+from diffaudit.loop.engine import run_experiment
 from diffaudit.loop.presets import build_experiment
+from diffaudit.loop.theory import variance_ratios
 
 SMALL_MODEL = ("model.block_out_channels=[16,32]", "model.norm_num_groups=8", "train.batch_size=64")
 # name -> (loop settings, diffusion overrides, arms kept (None: all)). Shrunk because the shared 2-core machine
@@ -38,30 +38,13 @@ SMALL = {
 
 def theory(repeats: int = 1000, n: int = 10, generations: int = 5, seed: int = 0) -> dict:
     """Shumailov's E[sigma_t^2] = sigma^2 ((n-1)/n)^(t+1) (t+1 fits) through the engine, 1-pixel images."""
-    rng = np.random.default_rng(seed)
-    sigma = 40 / 255
     out = {}
     for mode in ("fully-synthetic", "accumulate"):
-        vals = np.zeros((repeats, generations + 1))
-        for r in range(repeats):
-            x = np.clip(np.round(128 + 40 * rng.standard_normal(n)), 0, 255).astype(np.uint8).reshape(n, 1, 1, 1)
-            cfg = LoopConfig(
-                backend="gaussian",
-                mode=mode,
-                train_size=n,
-                synthetic_share=1.0,
-                poison_generations=generations,
-                heal_generations=0,
-                num_samples=n,
-                features="none",
-                seed=seed * 100_000 + r,
-            )
-            rows = run_repeat(cfg, ImageSet(x, np.full(n, -1)))
-            vals[r] = [row["fitted_variance"] for row in rows]
-        ratio = vals.mean(0) / sigma**2
+        vals = variance_ratios(mode, n, generations, repeats, seed)
+        ratio = vals.mean(0)
         out[mode] = {
             "mean_variance_ratio": ratio.round(4).tolist(),
-            "sem": (vals.std(0, ddof=1) / sigma**2 / np.sqrt(repeats)).round(4).tolist(),
+            "sem": (vals.std(0, ddof=1) / np.sqrt(repeats)).round(4).tolist(),
             "theory_replace": [round(((n - 1) / n) ** (t + 1), 4) for t in range(generations + 1)],
         }
     return {"n": n, "repeats": repeats, "seed": seed, **out}
