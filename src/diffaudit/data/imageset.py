@@ -181,7 +181,9 @@ class ImageSet:
     @staticmethod
     def from_model_tensor(x, labels, class_names: Sequence[str] = (), **provenance: object) -> ImageSet:
         """Build a set from a model's output tensor in [-1, 1] ``(N, C, H, W)`` (clamped, rounded to uint8)."""
-        arr = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(dtype=__import__("torch").uint8)
+        import torch
+
+        arr = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(dtype=torch.uint8)
         return ImageSet(arr.cpu().numpy(), np.asarray(labels), tuple(class_names), dict(provenance))
 
     def summary(self) -> dict[str, object]:
