@@ -119,3 +119,15 @@ def test_overrides_validated_together():
     assert p.model.block_out_channels == (8, 16, 32) and p.model.attention_levels == (False, False, True)
     with pytest.raises(ConfigError, match="attention_levels"):
         apply_overrides(PRESETS["digits-8"], ["model.block_out_channels=[8,16,32]"])
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_its_model(name):
+    from diffaudit.models.diffusion import DiffusionModel
+
+    preset = PRESETS[name]
+    model = DiffusionModel(preset.model)
+    x = torch.zeros(1, preset.model.channels, preset.model.resolution, preset.model.resolution)
+    with torch.no_grad():
+        out = model.predict_noise(x, torch.tensor([10]), torch.tensor([0]))
+    assert out.shape == x.shape

@@ -157,6 +157,21 @@ PRESETS: dict[str, Preset] = {
             ),
             TrainConfig(steps=20000, batch_size=64, lr=2e-4, ema_decay=0.9995, checkpoint_every=2000),
         ),
+        Preset(
+            "glyphs-64-gpu",
+            "the glyphs at 64x64 with a larger U-Net, for a GPU",
+            DataConfig(source="glyphs", resolution=64),
+            ModelConfig(
+                resolution=64,
+                channels=1,
+                num_classes=10,
+                block_out_channels=(64, 128, 256, 256),
+                layers_per_block=2,
+                attention_levels=(False, False, True, True),
+                norm_num_groups=32,
+            ),
+            TrainConfig(steps=20000, batch_size=128, lr=2e-4, ema_decay=0.9995, checkpoint_every=2000),
+        ),
     ]
 }
 
