@@ -12,7 +12,15 @@ from typer.testing import CliRunner
 from diffaudit.cli import app
 from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import ConfigError
-from diffaudit.loop.engine import Experiment, LoopConfig, LoopHooks, healing_ratio, run_experiment
+from diffaudit.loop.engine import (
+    Experiment,
+    LoopConfig,
+    LoopHooks,
+    extra_samples,
+    healing_ratio,
+    replace_config,
+    run_experiment,
+)
 from diffaudit.loop.mixing import MixSpec, mix_generation, mix_summary
 
 K = 4  # classes in the toy sets
@@ -178,6 +186,51 @@ def test_resume_equals_uninterrupted_gaussian(tmp_path):
     assert all(r["train_synthetic"] > 0 and r["train_synthetic_heldout"] == 0 for r in poison)
     assert all(r["filter"] == {"removed": 0} for r in poison)
     assert {"all/fid", "retrained/fid", "heldout/fid"} <= set(rows_a[0])
+
+
+def test_extra_samples_only_where_a_later_mix_needs_them(tmp_path):
+    """Arms score the same evaluation seeds; only generations feeding a later mix sample retrained classes extra."""
+    real = _real(200)
+    base = LoopConfig(
+        backend="gaussian",
+        train_size=60,
+        poison_generations=2,
+        heal_generations=1,
+        num_samples=40,
+        features="pixels",
+        holdout_classes=(3,),
+    )
+    arms = {
+        "control": replace_config(base, synthetic_share=0.0),
+        "all-syn": replace_config(base, mode="accumulate", synthetic_share=0.75),
+    }
+    # 40 evaluation labels cycle over 4 classes: 30 of the 3 retrained ones; the mix needs 45 of them.
+    assert [extra_samples(arms["all-syn"], real, 40, g) for g in range(4)] == [15, 15, 0, 0]
+    assert [extra_samples(arms["control"], real, 40, g) for g in range(4)] == [0, 0, 0, 0]
+    run_experiment(Experiment(arms, name="t"), tmp_path / "r", real=real, show_progress=False, plots=False)
+    rows = {(r["arm"], r["generation"]): r for r in map(json.loads, (tmp_path / "r" / "metrics.jsonl").open())}
+    assert [rows[("all-syn", g)]["samples_extra"] for g in range(4)] == [15, 15, 0, 0]
+    assert [rows[("control", g)]["samples_extra"] for g in range(4)] == [15, 0, 0, 0]  # generation 0 is shared
+    assert all(r["samples_evaluated"] == 40 for r in rows.values())
+    assert rows[("all-syn", 2)]["train_synthetic"] == 90 and rows[("all-syn", 2)]["train_synthetic_heldout"] == 0
+    syn = ImageSet.load(tmp_path / "r" / "repeat-0" / "all-syn" / "gen-001" / "samples.npz")
+    ctl = ImageSet.load(tmp_path / "r" / "repeat-0" / "control" / "gen-001" / "samples.npz")
+    assert len(syn) == 55 and len(ctl) == 40
+    assert syn.provenance["seed"][:40].tolist() == ctl.provenance["seed"].tolist()  # common random numbers
+    assert syn.labels[:40].tolist() == ctl.labels.tolist() == (np.arange(40) % K).tolist()
+    assert not np.isin(syn.labels[40:], [3]).any()  # extras are of retrained classes only
+
+
+def test_nepotism_preset_extra_samples():
+    from diffaudit.loop.engine import load_real
+    from diffaudit.loop.presets import build_experiment
+
+    exp = build_experiment("nepotism-digits")
+    real, _ = load_real(exp.first)
+    extra = {name: extra_samples(cfg, real, cfg.num_samples, 0) for name, cfg in exp.arms.items()}
+    # 500 evaluation samples hold 250 of digits 0-4: only the 100% arm (900 synthetic) needs more.
+    assert extra == {"share-0": 0, "share-3.3": 0, "share-10": 0, "share-25": 0, "share-100": 650}
+    assert [extra_samples(exp.arms["share-100"], real, 500, g) for g in range(9)] == [650] * 5 + [0] * 4
 
 
 def test_arms_must_share_generation_zero():

@@ -268,29 +268,51 @@ def healing_ratio(base: float, poisoned: float, healed: float, noise: float = 0.
 
 
 # ---- one repeat of one arm --------------------------------------------------------------------------------
-def sample_count(cfg: LoopConfig, real: ImageSet, arms: Sequence[LoopConfig] = ()) -> int:
-    """Images sampled per generation: ``num_samples``, or more when an arm needs more eligible synthetic ones.
+def extra_samples(cfg: LoopConfig, real: ImageSet, num_samples: int, generation: int) -> int:
+    """Samples that model ``generation`` makes beyond the evaluation set, for later mixes of this arm.
 
-    Labels cycle through every class, and only retrained classes are eligible for mixing, so an arm that needs
-    ``n_syn`` synthetic images needs ``n_syn * K / K_retrained`` samples.
+    The evaluation set (``num_samples`` images, labels cycling over every class, the same seeds in every arm)
+    is what the metrics see. Only retrained classes are eligible for mixing, so an arm that mixes ``n_syn``
+    synthetic images into the next generation may need more retrained-class samples than the evaluation set
+    holds; those extra images (labels cycling over the retrained classes only) are made only by generations
+    whose samples a later poisoning generation uses (``generation < poison_generations``).
     """
-    need = cfg.num_samples
-    for arm in [cfg, *arms]:
-        if arm.poison_generations == 0:
-            continue
-        n_syn = arm.mix_spec().num_synthetic
-        k = real.num_classes if real.is_labelled else 0
-        retrained = k - len(set(arm.holdout_classes)) if k else 1
-        if k and retrained < 1:
-            raise ConfigError(f"holdout_classes={list(arm.holdout_classes)} leave no class to retrain")
-        need = max(need, math.ceil(n_syn * (k / retrained if k else 1)))
-    return need
+    if generation >= cfg.poison_generations:
+        return 0
+    n_syn = cfg.mix_spec().num_synthetic
+    if n_syn == 0:
+        return 0
+    retrained = retrained_classes(cfg, real)
+    labels = _labels(real, num_samples)
+    in_eval = num_samples if retrained is None else int(np.isin(labels, retrained).sum())
+    return max(0, n_syn - in_eval)
+
+
+def retrained_classes(cfg: LoopConfig, real: ImageSet) -> np.ndarray | None:
+    """Labels that receive synthetic images (all but the held-out ones); None for unlabelled data."""
+    if not real.is_labelled:
+        return None
+    held = set(int(c) for c in cfg.holdout_classes)
+    classes = np.asarray([c for c in range(real.num_classes) if c not in held], dtype=np.int64)
+    if classes.size == 0:
+        raise ConfigError(f"holdout_classes={list(cfg.holdout_classes)} leave no class to retrain")
+    return classes
 
 
 def _labels(real: ImageSet, n: int) -> np.ndarray:
     if not real.is_labelled:
         return np.full(n, -1, dtype=np.int64)
     return (np.arange(n) % real.num_classes).astype(np.int64)
+
+
+def _sample_labels(cfg: LoopConfig, real: ImageSet, num_samples: int, num_extra: int) -> np.ndarray:
+    """Evaluation labels (cycling over all classes) followed by ``num_extra`` retrained-class labels."""
+    labels = _labels(real, num_samples)
+    if num_extra == 0:
+        return labels
+    retrained = retrained_classes(cfg, real)
+    extra = np.full(num_extra, -1, np.int64) if retrained is None else retrained[np.arange(num_extra) % retrained.size]
+    return np.concatenate([labels, extra])
 
 
 def _seeds(seed: int, generation: int, n: int) -> range:
@@ -308,11 +330,16 @@ def _generation(
     generation: int,
     seed: int,
     num_samples: int,
+    num_extra: int,
     evaluator: Evaluator,
     hooks: LoopHooks,
     workdir: Path | None,
 ) -> tuple[Any, ImageSet, dict[str, Any], ImageSet]:
-    """Mix, train, sample, evaluate one generation; writes its artefacts under ``workdir`` when given."""
+    """Mix, train, sample, evaluate one generation; writes its artefacts under ``workdir`` when given.
+
+    Samples ``num_samples`` evaluation images then ``num_extra`` retrained-class images for later mixes
+    (:func:`extra_samples`); only the evaluation images are scored.
+    """
     phase = cfg.phase(generation)
     mixed = mix_generation(
         real, pools, cfg.mix_spec(), generation, seed, cfg.holdout_classes, synthetic=phase == PHASE_POISON
@@ -322,18 +349,22 @@ def _generation(
         mixed, filter_report = hooks.filter_fn(mixed, generation)
     init = prev_model if (cfg.retrain == "finetune" and generation > 0) else None
     model = backend.fit(mixed, init, workdir, generation, seed * 1_000 + generation)
-    seeds = _seeds(seed, generation, num_samples)
-    samples = backend.sample(model, _labels(real, num_samples), seeds, generation)
+    # The evaluation seeds come first, so every arm scores the same seeds whatever its extra samples.
+    seeds = _seeds(seed, generation, num_samples + num_extra)
+    samples = backend.sample(model, _sample_labels(cfg, real, num_samples, num_extra), seeds, generation)
     if hooks.tag_fn is not None:
         samples = hooks.tag_fn(samples, generation)
+    evaluated = samples if num_extra == 0 else samples.subset(np.arange(num_samples))
     row: dict[str, Any] = {
         KEY_GENERATION: generation,
         KEY_PHASE: phase,
         KEY_MODEL_ID: getattr(model, "model_id", ""),
         KEY_SEEDS: [seeds.start, seeds.stop - 1],
+        "samples_evaluated": num_samples,
+        "samples_extra": num_extra,
         **mix_summary(mixed, cfg.holdout_classes),
         **backend.stats(model),
-        **evaluator(samples),
+        **evaluator(evaluated),
     }
     if filter_report is not None:
         row[KEY_FILTER] = filter_report
@@ -377,6 +408,7 @@ def run_repeat(
     num_samples: int | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     base: tuple[Any, ImageSet, dict[str, Any]] | None = None,
+    base_extra: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run every generation of one arm for one repeat; returns its rows (generation 0 first).
 
@@ -384,13 +416,18 @@ def run_repeat(
         cfg: the arm's settings; the repeat's seed is ``cfg.seed + repeat``.
         real: the real pool, ``uint8 (N, C, H, W)``.
         root: the repeat's directory (``RUN/repeat-<r>``); None keeps everything in memory (analytic backends).
+        num_samples: evaluation samples per generation (default ``cfg.num_samples``).
         base: generation 0 already computed (model, samples, row), shared between arms.
+        base_extra: extra samples of generation 0 when it is shared (the most any arm needs); default: this arm's.
         on_row: called with each row (the experiment appends it to metrics.jsonl).
     """
     cfg.validate()
     backend = backend or make_backend(cfg)
     seed = cfg.seed + repeat
-    n = num_samples or sample_count(cfg, real)
+    n = num_samples or cfg.num_samples
+    extras = [extra_samples(cfg, real, n, g) for g in range(cfg.num_generations)]
+    if base_extra is not None:
+        extras[0] = base_extra
     evaluator = evaluator or Evaluator(real, cfg.features, cfg.holdout_classes, cfg.num_bootstrap, seed)
     tmp = None
     if root is None and cfg.backend == bk.DIFFUSION:
@@ -406,7 +443,9 @@ def run_repeat(
             else:
 
                 def compute(workdir: Path | None, g: int = g, prev: Any = model) -> Any:
-                    return _generation(cfg, backend, real, pools, prev, g, seed, n, evaluator, hooks, workdir)
+                    return _generation(
+                        cfg, backend, real, pools, prev, g, seed, n, extras[g], evaluator, hooks, workdir
+                    )
 
                 if root is None:
                     model, samples, row, _ = compute(None)
@@ -572,7 +611,12 @@ def run_experiment(
     data_info: dict[str, Any] = {"source": "given"}
     if real is None:
         real, data_info = load_real(first)
-    num_samples = sample_count(first, real, list(exp.arms.values()))
+    num_samples = first.num_samples
+    extras = {
+        name: [extra_samples(cfg, real, num_samples, g) for g in range(cfg.num_generations)]
+        for name, cfg in exp.arms.items()
+    }
+    base_extra = max(e[0] for e in extras.values())  # generation 0 is shared: it samples for the neediest arm
     backend = make_backend(first)
     backends = {name: make_backend(cfg) for name, cfg in exp.arms.items()}
     total = first.repeats * sum(cfg.num_generations for cfg in exp.arms.values())
@@ -584,10 +628,12 @@ def run_experiment(
                 "data_info": data_info,
                 "real_images": len(real),
                 "samples_per_generation": num_samples,
+                "extra_samples": extras | {"generation-0 (shared)": base_extra},
                 "backend": backend.describe(),
                 "choices": {
-                    "samples_per_generation": "num_samples, raised so that enough samples of retrained classes "
-                    "exist for the largest synthetic count of any arm (labels cycle over all classes)",
+                    "samples_per_generation": "num_samples evaluation samples (labels cycling over all classes, the "
+                    "same seeds in every arm) are scored; a generation whose samples feed a later poisoning "
+                    "generation also samples the retrained-class images the arm's mix needs beyond those",
                     "sample_seeds": "(seed + repeat, generation) -> a range shared by all arms (common random "
                     "numbers); generation 0 is shared by all arms of a repeat",
                     "features": "one extractor trained on the whole real set, reused for every generation",
@@ -632,6 +678,7 @@ def run_experiment(
                         num_samples,
                         on_row,
                         base=base,
+                        base_extra=base_extra,
                     )
                     evaluator0._extractor, evaluator0._ref_feats = evaluator._extractor, evaluator._ref_feats
                     if base is None:
