@@ -71,7 +71,7 @@ def generate(
             stop = min(start + cfg.batch_size, len(seeds))
             lab = torch.from_numpy(labels[start:stop]) if model.config.conditional else None
             x = model.sample(lab, seeds[start:stop], cfg.sampler, cfg.num_steps, cfg.guidance_scale, cfg.temperature)
-            chunks.append(x)
+            chunks.append(x.cpu())
             bar.update(completed=stop)
     x = (
         torch.cat(chunks)

@@ -136,34 +136,41 @@ def train(
     init: str | os.PathLike[str] | None = None,
     callback: Callable[[int, float], None] | None = None,
     show_progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> str:
     """Train (or fine-tune from ``init``) a diffusion model on ``data``; returns the final model id.
 
     Writes ``RUN/model`` (final weights + EMA), periodic checkpoints and ``metrics.jsonl`` rows
     ``{"step", "loss", "lr", "images_per_s"}``. With ``run.resume`` it continues from the last checkpoint.
-    ``callback(step, loss)`` is called after every step (tests use it to simulate a crash).
+    ``callback(step, loss)`` is called after every step (tests use it to simulate a crash). ``device``
+    defaults to :func:`diffaudit.device.resolve_device` (a GPU when torch sees one); batches, timesteps
+    and noise are drawn on the CPU either way, so a seed selects the same training run on every device.
     """
+    from diffaudit.device import describe_device, resolve_device
+
+    dev = resolve_device(device)
     tcfg = preset.train
     torch.manual_seed(tcfg.seed)  # only parameter initialisation uses the global generator
     if init is not None:
-        model, init_meta = load_model(init, use_ema=True)
+        model, init_meta = load_model(init, use_ema=True, device=dev)
         model.train()
     else:
-        model, init_meta = DiffusionModel(model_config_for(preset, data)), None
+        model, init_meta = DiffusionModel(model_config_for(preset, data)).to(dev), None
     check_compatible(model, data)
+    run.update_manifest(device=describe_device(dev))
     ema = EMA(model.unet, tcfg.ema_decay)
     opt = torch.optim.AdamW(model.unet.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     start = load_checkpoint(run, model, ema, opt) if run.resume else 0
     model.train()
 
-    images = data.to_model_tensor()
-    labels = torch.from_numpy(data.labels) if model.config.conditional else None
+    images = data.to_model_tensor().to(dev)
+    labels = torch.from_numpy(data.labels).to(dev) if model.config.conditional else None
     t_last, n_since = time.perf_counter(), 0
     loss_sum, loss_count = 0.0, 0
     with progress_bar(f"train {run.path.name}", total=tcfg.steps, completed=start, enabled=show_progress) as bar:
         for step in range(start, tcfg.steps):
             gen = torch.Generator().manual_seed(_step_seed(tcfg.seed, step))
-            idx = torch.from_numpy(batch_indices(len(data), tcfg.batch_size, step, tcfg.seed))
+            idx = torch.from_numpy(batch_indices(len(data), tcfg.batch_size, step, tcfg.seed)).to(dev)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, tcfg.lr, tcfg.warmup_steps)
             loss = model.loss(images[idx], None if labels is None else labels[idx], gen, tcfg.cond_drop_prob)

@@ -95,7 +95,8 @@ def sample_losses(
                         sl = slice(start, start + batch_size)
                         tt = torch.full((x[sl].shape[0],), int(t), dtype=torch.long)
                         lab = None if labels is None else labels[sl]
-                        out[sl, j, d * (2 if flip else 1) + f] = model.per_sample_loss(x[sl], lab, tt, z[sl]).numpy()
+                        loss = model.per_sample_loss(x[sl], lab, tt, z[sl])
+                        out[sl, j, d * (2 if flip else 1) + f] = loss.cpu().numpy()
                     bar.update(advance=1)
     return out
 

@@ -59,18 +59,18 @@ def noise_gaps(
     model.eval()
     shape = (cfg.channels, cfg.resolution, cfg.resolution)
     out = np.zeros((len(labels), len(seeds)), dtype=np.float64)
-    x_init = per_sample_noise(shape, seeds)
+    x_init = per_sample_noise(shape, seeds, model.device)
     for i, c in enumerate(labels):
         sched = model.make_sampler("ddim", num_steps)
         x = x_init * sched.init_noise_sigma
-        lab = torch.full((len(seeds),), int(c), dtype=torch.long)
+        lab = torch.full((len(seeds),), int(c), dtype=torch.long, device=model.device)
         null = torch.full_like(lab, -1)
         for t in sched.timesteps[:measure_steps]:
-            tt = torch.full((len(seeds),), int(t), dtype=torch.long)
+            tt = torch.full((len(seeds),), int(t), dtype=torch.long, device=model.device)
             xin = sched.scale_model_input(x, t)
             both = model.predict_noise(torch.cat([xin, xin]), torch.cat([tt, tt]), torch.cat([lab, null]))
             eps_c, eps_n = both.chunk(2)
-            out[i] += (eps_c - eps_n).flatten(1).pow(2).mean(1).sqrt().double().numpy()
+            out[i] += (eps_c - eps_n).flatten(1).pow(2).mean(1).sqrt().double().cpu().numpy()
             x = sched.step(eps_n + guidance_scale * (eps_c - eps_n), t, x).prev_sample
         out[i] /= measure_steps
     return out

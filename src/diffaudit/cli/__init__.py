@@ -8,6 +8,7 @@ User errors (:class:`~diffaudit.errors.DiffauditError`) become one red line and 
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 
@@ -24,6 +25,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+
+
+@app.callback()
+def _options(
+    device: str = typer.Option(
+        None,
+        "--device",
+        help="Device for diffaudit's own models: auto (a CUDA GPU when torch sees one, else CPU), cpu, cuda, "
+        "cuda:1, mps. Default: $DIFFAUDIT_DEVICE or auto.",
+    ),
+) -> None:
+    """Options that apply to every command (given before the command name)."""
+    if device is not None:
+        from diffaudit.device import ENV_VAR, resolve_device
+
+        resolve_device(device)  # fail now, with a clear message, not in the middle of a run
+        os.environ[ENV_VAR] = device
+
 
 # One module per command (group); each defines register(app: typer.Typer) -> None.
 _COMMAND_MODULES = [

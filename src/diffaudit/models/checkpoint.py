@@ -118,8 +118,16 @@ def read_model_config(path: str | os.PathLike[str]) -> dict[str, object]:
     return meta
 
 
-def load_model(path: str | os.PathLike[str], use_ema: bool = True) -> tuple[DiffusionModel, dict[str, object]]:
-    """Load a model directory; returns the model (in eval mode, EMA weights if present) and its metadata."""
+def load_model(
+    path: str | os.PathLike[str], use_ema: bool = True, device: str | torch.device | None = None
+) -> tuple[DiffusionModel, dict[str, object]]:
+    """Load a model directory; returns the model (in eval mode, EMA weights if present) and its metadata.
+
+    The model is moved to ``device`` (default: :func:`diffaudit.device.resolve_device`, i.e. a GPU when
+    torch sees one, unless ``$DIFFAUDIT_DEVICE`` says otherwise).
+    """
+    from diffaudit.device import resolve_device
+
     model_dir = resolve_model_dir(path)
     meta = read_model_config(model_dir)
     model = DiffusionModel(ModelConfig.from_dict(meta["model"]))  # type: ignore[arg-type]
@@ -129,7 +137,7 @@ def load_model(path: str | os.PathLike[str], use_ema: bool = True) -> tuple[Diff
         model.unet.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise CheckpointError(f"{weights}: cannot load weights ({exc})") from exc
-    model.eval()
+    model.to(resolve_device(device)).eval()
     meta["weights_file"] = weights.name
     meta["model_dir"] = str(model_dir)
     return model, meta

@@ -58,6 +58,10 @@ class DiffusionModel(torch.nn.Module):
             prediction_type=config.prediction_type,
         )
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
     # ---- the denoiser -----------------------------------------------------------------------------------
     def _labels(self, labels: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
         if not self.config.conditional:
@@ -69,7 +73,8 @@ class DiffusionModel(torch.nn.Module):
         return torch.where(labels < 0, torch.full_like(labels, self.config.null_label), labels)
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """Predicted noise ``(N, C, H, W)`` for noisy images ``x_t`` at integer timesteps ``t`` ``(N,)``."""
+        """Predicted noise ``(N, C, H, W)`` (on the model's device) for noisy images ``x_t`` at timesteps ``t``."""
+        x_t, t = x_t.to(self.device), t.to(self.device)
         return self.unet(x_t, t, class_labels=self._labels(labels, x_t.shape[0], x_t.device)).sample
 
     def guided_noise(
@@ -89,8 +94,10 @@ class DiffusionModel(torch.nn.Module):
     ) -> torch.Tensor:
         """Mean squared noise-prediction error per sample, ``float32 (N,)``, at timesteps ``t`` with ``noise``.
 
-        ``x0`` is ``(N, C, H, W)`` in [-1, 1]. Membership inference calls this at a fixed ``t``.
+        ``x0`` is ``(N, C, H, W)`` in [-1, 1], on any device (moved to the model's; so is the result).
+        Membership inference calls this at a fixed ``t``.
         """
+        x0, t, noise = x0.to(self.device), t.to(self.device), noise.to(self.device)
         x_t = self.train_scheduler.add_noise(x0, noise, t)
         eps = self.predict_noise(x_t, t, labels)
         target = noise if self.config.prediction_type == "epsilon" else self.train_scheduler.get_velocity(x0, noise, t)
@@ -161,7 +168,7 @@ class DiffusionModel(torch.nn.Module):
         noise-space tags).
         """
         cfg = self.config
-        device = next(self.parameters()).device
+        device = self.device
         shape = (cfg.channels, cfg.resolution, cfg.resolution)
         sched = self.make_sampler(sampler, num_steps)
         x = per_sample_noise(shape, seeds, device) if initial_noise is None else initial_noise.to(device)

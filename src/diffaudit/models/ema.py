@@ -45,5 +45,5 @@ class EMA:
         missing = set(self.shadow) - set(state)
         if missing:
             raise KeyError(f"EMA state lacks {sorted(missing)[:3]}")
-        self.shadow = {k: state[k].clone() for k in self.shadow}
+        self.shadow = {k: state[k].to(self.shadow[k].device, copy=True) for k in self.shadow}
         self._pairs = None
