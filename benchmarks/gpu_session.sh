@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # GPU checks for a session that is lent a CUDA machine (see docs/benchmarks.md, "GPU").
 # Usage on the GPU machine, from the repo root, with diffusers importable:
-#   bash benchmarks/gpu_session.sh OUT_DIR [tests|throughput|loop SEEDS...]
+#   bash benchmarks/gpu_session.sh OUT_DIR [tests|throughput|loop PRESET SEEDS...]
 # tests:      the device tests and the train / MIA / loop tests, on the GPU (DIFFAUDIT_DEVICE=cuda)
 # throughput: training and sampling throughput of the CPU and GPU presets (images/s from each run's log)
-# loop:       the full nepotism-digits preset, one repeat per seed, timed
+# loop PRESET SEEDS...: a full loop preset (nepotism-digits, mad-digits), one run per seed, timed
 set -euo pipefail
 out=${1:?output directory}; shift
 what=${1:-tests}; shift || true
@@ -38,10 +38,10 @@ PY
   done 2>&1 | tee "$out/throughput.txt"
   ;;
 loop)
+  preset=$1; shift
   for seed in "$@"; do
-    timed "nepotism-digits seed $seed" $py -m diffaudit loop --preset nepotism-digits \
-      --out "$work/nep-seed$seed" --set seed="$seed"
-    tar czf "$out/nep-seed$seed.tgz" -C "$work" --exclude=model --exclude=train --exclude='*.npz' "nep-seed$seed"
-  done 2>&1 | tee "$out/loop.txt"
+    timed "$preset seed $seed" $py -m diffaudit loop --preset "$preset" --out "$work/$preset-seed$seed" --set seed="$seed"
+    tar czf "$out/$preset-seed$seed.tgz" -C "$work" --exclude=model --exclude=train --exclude='*.npz' "$preset-seed$seed"
+  done 2>&1 | tee -a "$out/loop.txt"
   ;;
 esac
