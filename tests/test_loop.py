@@ -418,3 +418,36 @@ def test_cli_tag_and_scrub_removes_synthetic_before_retraining(tmp_path):
         f = row["filter"]
         assert f["synthetic_in"] == 40 and f["synthetic_removed"] >= 36  # >= 90% of tagged images caught
         assert f["real_removed"] <= 10
+
+
+def test_merging_seed_runs_equals_one_run_with_repeats(tmp_path):
+    """Runs with --set seed=0 and seed=1 merge into exactly the summary of one run with seed 0 and 2 repeats."""
+    from diffaudit.loop.merge import merge_runs
+
+    real = _real(200)
+    base = LoopConfig(
+        backend="gaussian",
+        train_size=60,
+        synthetic_share=0.5,
+        poison_generations=2,
+        heal_generations=1,
+        num_samples=40,
+        features="pixels",
+    )
+    one = {"replace": replace_config(base, repeats=2)}
+    whole = run_experiment(Experiment(one, name="t"), tmp_path / "whole", real=real, show_progress=False, plots=False)
+    for seed in (0, 1):
+        arms = {"replace": replace_config(base, seed=seed)}
+        run_experiment(Experiment(arms, name="t"), tmp_path / f"s{seed}", real=real, show_progress=False, plots=False)
+    merged = merge_runs([tmp_path / "s1", tmp_path / "s0"], tmp_path / "merged")
+    assert merged["arms"]["replace"]["curves"] == whole["arms"]["replace"]["curves"]
+    assert merged["arms"]["replace"]["repeats"] == [0, 1]
+    assert (tmp_path / "merged" / "curves.png").exists()
+    with pytest.raises(ConfigError, match="both hold seed"):
+        merge_runs([tmp_path / "s0", tmp_path / "s0"], tmp_path / "twice")
+    other = {"replace": replace_config(base, synthetic_share=0.25, seed=2)}
+    run_experiment(Experiment(other, name="t"), tmp_path / "other", real=real, show_progress=False, plots=False)
+    with pytest.raises(ConfigError, match="differ"):
+        merge_runs([tmp_path / "s0", tmp_path / "other"], tmp_path / "bad")
+    with pytest.raises(ConfigError, match="not a loop run"):
+        merge_runs([tmp_path / "s0", tmp_path], tmp_path / "bad2")

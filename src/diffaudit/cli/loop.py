@@ -114,3 +114,18 @@ def register(app: typer.Typer) -> None:
                 ratio = "undefined" if res["ratio"] is None else f"{res['ratio']:.2f}"
                 err.print(f"{name}: healing ratio of {key}: {ratio}")
         err.print(f"loop {exp.name} written to {out} (summary.json, metrics.jsonl, curves.png)")
+
+    @app.command("loop-merge")
+    def loop_merge(
+        runs: list[Path] = typer.Argument(..., help="loop run directories of the same experiment, different seeds"),
+        out: Path = typer.Option(..., help="run directory to create for the merged curves and summary"),
+    ) -> None:
+        """Merge loop runs that differ only in --seed (one per machine, say) into one run with repeat bands."""
+        from diffaudit.loop.merge import merge_runs
+
+        doc = merge_runs(runs, out)
+        for name, data in doc["arms"].items():
+            for key, res in data["healing"].items():
+                ratio = "undefined" if res["ratio"] is None else f"{res['ratio']:.2f}"
+                err.print(f"{name}: healing ratio of {key} over {res['repeats']} repeats: {ratio}")
+        err.print(f"merged {len(runs)} runs into {out} (summary.json, metrics.jsonl, curves.png)")
