@@ -108,6 +108,17 @@ def test_holdout_classes_get_no_synthetic_and_mixing_is_deterministic():
         mix_generation(real, pools, MixSpec("replace", 100, 0.5), 1, seed=5, holdout_classes=(1, 2, 3))
 
 
+def test_forgetting_control_drops_heldout_real_images_only_while_poisoning():
+    real, pools = _real(), [_pool(0)]
+    spec = MixSpec("replace", 60, 0.0)  # no synthetic data: only the held-out classes' absence differs
+    poisoned = mix_generation(real, pools, spec, 1, seed=5, holdout_classes=(2, 3), heldout_real=False)
+    assert len(poisoned) == 60 and not np.isin(poisoned.labels, [2, 3]).any()
+    healing = mix_generation(real, pools, spec, 1, seed=5, holdout_classes=(2, 3), synthetic=False, heldout_real=False)
+    assert np.isin(healing.labels, [2, 3]).any()  # generation 0 and healing keep every class
+    with pytest.raises(ConfigError, match="needs holdout_classes"):
+        mix_generation(real, pools, spec, 1, seed=5, heldout_real=False)
+
+
 def test_generation_zero_and_healing_are_real_only():
     real, pools = _real(), [_pool(0)]
     for mixed in (

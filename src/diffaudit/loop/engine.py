@@ -78,6 +78,7 @@ class LoopConfig:
     poison_generations: int = 5
     heal_generations: int = 3
     holdout_classes: tuple[int, ...] = ()
+    heldout_real: bool = True  # False: poisoning generations see no real images of the held-out classes either
     num_samples: int = 500
     retrain: str = "finetune"
     base_steps: int = 600
@@ -342,7 +343,14 @@ def _generation(
     """
     phase = cfg.phase(generation)
     mixed = mix_generation(
-        real, pools, cfg.mix_spec(), generation, seed, cfg.holdout_classes, synthetic=phase == PHASE_POISON
+        real,
+        pools,
+        cfg.mix_spec(),
+        generation,
+        seed,
+        cfg.holdout_classes,
+        synthetic=phase == PHASE_POISON,
+        heldout_real=cfg.heldout_real,
     )
     filter_report = None
     if hooks.filter_fn is not None and phase == PHASE_POISON:

@@ -13,7 +13,9 @@ images. Model ``k`` produces the synthetic pool ``S_k``. Generation ``g >= 1`` t
 
 with ``n_syn`` = ``synthetic_count`` when given, else ``round(synthetic_share * train_size)``, and
 ``n_real = train_size - n_syn``. Only synthetic images whose label is a *retrained* class (not held out) are
-eligible; held-out classes are still trained on real images. Every choice comes from a generator seeded by
+eligible; held-out classes are still trained on real images, unless ``heldout_real=False`` removes them from the
+real data of poisoning generations too (the "forgetting" control: with no synthetic data it measures what
+leaving those classes out does by itself). Every choice comes from a generator seeded by
 ``(seed, generation)``, so the mix is a function of its arguments only.
 """
 
@@ -103,6 +105,7 @@ def mix_generation(
     seed: int,
     holdout_classes: Sequence[int] = (),
     synthetic: bool = True,
+    heldout_real: bool = True,
 ) -> ImageSet:
     """The training set of ``generation``, as an ImageSet whose provenance says which images are synthetic.
 
@@ -115,6 +118,8 @@ def mix_generation(
         seed: experiment seed; the choice of images depends only on ``(seed, generation)``.
         holdout_classes: labels that never receive synthetic images.
         synthetic: False for generation 0 and the healing generations: real data only (``n_syn = 0``).
+        heldout_real: False drops the held-out classes' real images in poisoning generations (``synthetic``
+            True): the real part is then drawn from the retrained classes only.
 
     Returns:
         The mixed set, real images first then synthetic ones in generation order.
@@ -124,6 +129,10 @@ def mix_generation(
         return real_subset(real, spec.train_size, seed, generation, fresh=spec.mode == FRESH)
     if len(pools) < generation:
         raise ConfigError(f"generation {generation} needs the samples of generation {generation - 1}")
+    if not heldout_real:
+        if not len(holdout_classes):
+            raise ConfigError("heldout_real=False needs holdout_classes (which classes to leave out)")
+        real = eligible(real, holdout_classes)
     n_syn = spec.num_synthetic
     rng = _rng(seed, generation, 1)
     if spec.mode == FULLY_SYNTHETIC:
