@@ -101,6 +101,8 @@ class LoopConfig:
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r} is not one of {list(MODES)}")
         self.mix_spec().validate()
+        if not isinstance(self.heldout_real, bool):
+            raise ConfigError(f"heldout_real={self.heldout_real!r} must be true or false")
         for name in ("poison_generations", "heal_generations"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
