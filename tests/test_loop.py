@@ -454,6 +454,9 @@ def test_merging_seed_runs_equals_one_run_with_repeats(tmp_path):
     assert merged["arms"]["replace"]["curves"] == whole["arms"]["replace"]["curves"]
     assert merged["arms"]["replace"]["repeats"] == [0, 1]
     assert (tmp_path / "merged" / "curves.png").exists()
+    from diffaudit.report.findings import findings_for
+
+    assert "mean of 2 repeats" in " ".join(findings_for("loop-merge", tmp_path / "merged", {}, {}, [], {}))
     with pytest.raises(ConfigError, match="both hold seed"):
         merge_runs([tmp_path / "s0", tmp_path / "s0"], tmp_path / "twice")
     other = {"replace": replace_config(base, synthetic_share=0.25, seed=2)}

@@ -86,6 +86,7 @@ def _pct(x: Any) -> str:
 
 
 @register("loop")
+@register("loop-merge")
 def loop_findings(
     run: Path, manifest: dict[str, Any], config: dict[str, Any], rows: list[dict[str, Any]], results: dict[str, Any]
 ) -> list[str]:
@@ -101,8 +102,10 @@ def loop_findings(
         fid = curves.get("all/fid", {}).get("mean", [])
         g_p = cfg["poison_generations"]
         if fid and len(fid) > g_p:
+            repeats = len(arm.get("repeats", []))
+            mean_of = f" (mean of {repeats} repeats)" if repeats > 1 else ""
             text = (
-                f"Arm {name} ({cfg['mode']}, {share} self-generated): FID (all classes) went from "
+                f"Arm {name} ({cfg['mode']}, {share} self-generated): FID (all classes){mean_of} went from "
                 f"{_num(fid[0])} to {_num(fid[g_p])} by generation {g_p}"
             )
             if "poison" in phases and cfg.get("heal_generations", 0) > 0:
