@@ -17,7 +17,8 @@ a user would type):
 
 A finished stage is skipped when the demo is run again with the same OUT, and an interrupted one resumes.
 ``quick`` shrinks every model and count so the whole demo runs in under a minute (for tests); its numbers
-mean nothing. The default sizes finish in about 13 minutes on 2 free CPU cores (measured 790 s).
+mean nothing. The default sizes finish in about 10 minutes on 2 free CPU cores (measured 569 s; 790 s before the loop
+sampled only the images it scores or mixes).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Stage:
 
 
 def stages(quick: bool) -> list[Stage]:
-    """The demo's stages, sized for ``quick`` (tests) or the default (about 15 minutes on 2 cores)."""
+    """The demo's stages, sized for ``quick`` (tests) or the default (about 10 minutes on 2 cores)."""
     q = quick
     train_digits = ["train", "--preset", "digits-8", "--steps", "30" if q else "600"]
     if q:
