@@ -9,7 +9,8 @@ images. Model ``k`` produces the synthetic pool ``S_k``. Generation ``g >= 1`` t
   ``S_0 .. S_{g-1}``: the set grows by ``n_syn`` per generation (Gerstgrasser's *accumulate*);
 * ``fresh``: ``n_real`` images drawn anew from the real pool at every generation + ``n_syn`` of ``S_{g-1}``
   (MAD's "fresh data" loop);
-* ``fully-synthetic``: ``train_size`` images of ``S_{g-1}`` only (MAD's fully synthetic loop; the share is ignored).
+* ``fully-synthetic``: ``train_size`` images of ``S_{g-1}`` only (MAD's fully synthetic loop; the share is ignored;
+  with held-out classes the set holds no image of them at all, real or synthetic).
 
 with ``n_syn`` = ``synthetic_count`` when given, else ``round(synthetic_share * train_size)``, and
 ``n_real = train_size - n_syn``. Only synthetic images whose label is a *retrained* class (not held out) are
