@@ -55,6 +55,8 @@ def merge_runs(runs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[st
     for path, (cfg, _) in zip(paths[1:], loaded[1:], strict=True):
         if _comparable(cfg["arms"]) != _comparable(first_cfg["arms"]):
             raise ConfigError(f"{path}: its arms differ from {paths[0]}'s in more than seed and repeats")
+        if cfg.get("hooks") != first_cfg.get("hooks"):  # e.g. one run with --tag-and-scrub, one without
+            raise ConfigError(f"{path}: its safeguard hooks differ from {paths[0]}'s ({cfg.get('hooks')})")
     merged: list[dict[str, Any]] = []
     seen: dict[tuple[str, int, int], int] = {}  # (arm, repeat, generation) -> index of the run that holds it
     seeds = [next(iter(cfg["arms"].values()))["seed"] for cfg, _ in loaded]
