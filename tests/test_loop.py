@@ -157,8 +157,9 @@ class _Crash:
         return mixed, {"removed": 0}
 
 
-def _gauss_exp(hook: _Crash) -> Experiment:
-    cfg = LoopConfig(
+def _gauss_cfg(**fields) -> LoopConfig:
+    """A small analytic-backend loop: 60 images, 2 poisoning + 1 healing generations, pixel features."""
+    base = LoopConfig(
         backend="gaussian",
         train_size=60,
         synthetic_share=0.5,
@@ -166,9 +167,12 @@ def _gauss_exp(hook: _Crash) -> Experiment:
         heal_generations=1,
         num_samples=40,
         features="pixels",
-        holdout_classes=(3,),
-        repeats=2,
     )
+    return replace_config(base, **fields)
+
+
+def _gauss_exp(hook: _Crash) -> Experiment:
+    cfg = _gauss_cfg(holdout_classes=(3,), repeats=2)
     arms = {
         "replace": cfg,
         "accumulate": LoopConfig(**{**cfg.to_dict(), "mode": "accumulate", "holdout_classes": (3,)}),
@@ -202,15 +206,7 @@ def test_resume_equals_uninterrupted_gaussian(tmp_path):
 def test_extra_samples_only_where_a_later_mix_needs_them(tmp_path):
     """Arms score the same evaluation seeds; only generations feeding a later mix sample retrained classes extra."""
     real = _real(200)
-    base = LoopConfig(
-        backend="gaussian",
-        train_size=60,
-        poison_generations=2,
-        heal_generations=1,
-        num_samples=40,
-        features="pixels",
-        holdout_classes=(3,),
-    )
+    base = _gauss_cfg(holdout_classes=(3,))
     arms = {
         "control": replace_config(base, synthetic_share=0.0),
         "all-syn": replace_config(base, mode="accumulate", synthetic_share=0.75),
@@ -436,15 +432,7 @@ def test_merging_seed_runs_equals_one_run_with_repeats(tmp_path):
     from diffaudit.loop.merge import merge_runs
 
     real = _real(200)
-    base = LoopConfig(
-        backend="gaussian",
-        train_size=60,
-        synthetic_share=0.5,
-        poison_generations=2,
-        heal_generations=1,
-        num_samples=40,
-        features="pixels",
-    )
+    base = _gauss_cfg()
     one = {"replace": replace_config(base, repeats=2)}
     whole = run_experiment(Experiment(one, name="t"), tmp_path / "whole", real=real, show_progress=False, plots=False)
     for seed in (0, 1):

@@ -42,6 +42,14 @@ def _classes(spec: str | None) -> tuple[int, ...] | None:
         raise ConfigError(f"--holdout-classes {spec!r} must be comma-separated class indices, e.g. 5,6,7") from exc
 
 
+def _print_healing(summary: dict[str, Any]) -> None:
+    """One line per arm and metric: the healing ratio and how many repeats it averages."""
+    for name, data in summary["arms"].items():
+        for key, res in data["healing"].items():
+            ratio = "undefined" if res["ratio"] is None else f"{res['ratio']:.2f}"
+            err.print(f"{name}: healing ratio of {key} over {res['repeats']} repeat(s): {ratio}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("loop")
     def loop(
@@ -109,10 +117,7 @@ def register(app: typer.Typer) -> None:
             tag_info["inherited_tag_rate_by_generation"] = tag_fn.inherited
             atomic_write_json(out / "safeguard.json", tag_info)
             err.print(f"tag-and-scrub: threshold {tag_info['threshold']:.4g}; see {out / 'safeguard.json'}")
-        for name, data in summary["arms"].items():
-            for key, res in data["healing"].items():
-                ratio = "undefined" if res["ratio"] is None else f"{res['ratio']:.2f}"
-                err.print(f"{name}: healing ratio of {key}: {ratio}")
+        _print_healing(summary)
         err.print(f"loop {exp.name} written to {out} (summary.json, metrics.jsonl, curves.png)")
 
     @app.command("loop-merge")
@@ -123,9 +128,5 @@ def register(app: typer.Typer) -> None:
         """Merge loop runs that differ only in --seed (one per machine, say) into one run with repeat bands."""
         from diffaudit.loop.merge import merge_runs
 
-        doc = merge_runs(runs, out)
-        for name, data in doc["arms"].items():
-            for key, res in data["healing"].items():
-                ratio = "undefined" if res["ratio"] is None else f"{res['ratio']:.2f}"
-                err.print(f"{name}: healing ratio of {key} over {res['repeats']} repeats: {ratio}")
+        _print_healing(merge_runs(runs, out))
         err.print(f"merged {len(runs)} runs into {out} (summary.json, metrics.jsonl, curves.png)")
