@@ -3,12 +3,17 @@
 A preset bundles data options, a model architecture, training and sampling settings sized for a machine
 (``-cpu`` presets train in minutes on 2 cores; ``-gpu`` presets are larger). Any field can be overridden with
 ``section.field=value`` strings (values parsed as JSON when possible, e.g. ``model.block_out_channels=[32,64]``).
+Every value is checked at this boundary (types and ranges: steps >= 1, lr > 0, seeds in [0, 2**63), ...), so a
+bad one is a one-line ConfigError naming the field before any work starts. This module imports nothing heavy:
+the CLI imports it to answer ``--help``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,6 +181,136 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# ---- validation ---------------------------------------------------------------------------------------------
+#: Seeds are used as numpy / torch seeds and combined into 63-bit step seeds.
+SEED_LIMIT = 2**63
+#: Largest image side accepted anywhere (a 4096x4096 image is 16 M pixels; larger sizes mean a typo).
+MAX_RESOLUTION = 4096
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(where: str, value: Any, lo: int | None = None, hi: int | None = None, none_ok: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    if not _is_int(value):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{where} must be >= {lo}, got {value}")
+    if hi is not None and value >= hi:
+        raise ConfigError(f"{where} must be < {hi}, got {value}")
+
+
+def _check_float(
+    where: str, value: Any, lo: float | None = None, hi: float | None = None, open_lo: bool = False
+) -> None:
+    if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    if lo is not None and (value < lo or (open_lo and value == lo)):
+        raise ConfigError(f"{where} must be {'>' if open_lo else '>='} {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{where} must be <= {hi}, got {value}")
+
+
+def _check_str(where: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a non-empty string, got {value!r}")
+
+
+def _check_seq(where: str, value: Any, item: type, lo: int | None = None) -> None:
+    if not isinstance(value, list | tuple) or not value:
+        raise ConfigError(f"{where} must be a non-empty list, got {value!r}")
+    for v in value:
+        if (item is int and not _is_int(v)) or (item is bool and not isinstance(v, bool)):
+            raise ConfigError(f"{where} must be a list of {item.__name__}s, got {value!r}")
+        if lo is not None and v < lo:
+            raise ConfigError(f"{where} entries must be >= {lo}, got {value!r}")
+
+
+def check_model_fields(fields: Mapping[str, Any], where: str = "model") -> None:
+    """Check the type and range of every ModelConfig field present in ``fields`` (a dict from JSON or overrides).
+
+    Runs before ``ModelConfig(**fields)``, whose own checks assume numbers (``norm_num_groups=0`` would divide by
+    zero there). Messages name ``where.field``.
+    """
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown model config keys {unknown}; known: {sorted(known)}")
+    checks: dict[str, Any] = {
+        "resolution": lambda w, v: _check_int(w, v, 1, MAX_RESOLUTION + 1),
+        "channels": lambda w, v: _check_int(w, v, 1, 4),
+        "num_classes": lambda w, v: _check_int(w, v, 0, 1_000_001),
+        "block_out_channels": lambda w, v: _check_seq(w, v, int, 1),
+        "layers_per_block": lambda w, v: _check_int(w, v, 1, 65),
+        "attention_levels": lambda w, v: _check_seq(w, v, bool),
+        "norm_num_groups": lambda w, v: _check_int(w, v, 1),
+        "num_train_timesteps": lambda w, v: _check_int(w, v, 1, 1_000_001),
+        "beta_schedule": _check_str,
+        "prediction_type": _check_str,
+    }
+    for name, value in fields.items():
+        checks[name](f"{where}.{name}", value)
+
+
+def validate_data(cfg: DataConfig, where: str = "data") -> DataConfig:
+    """Raise a ConfigError naming the field when a DataConfig value is out of range; returns ``cfg``."""
+    _check_str(f"{where}.source", cfg.source)
+    _check_int(f"{where}.resolution", cfg.resolution, 1, MAX_RESOLUTION + 1, none_ok=True)
+    if cfg.channels is not None and cfg.channels not in (1, 3) or isinstance(cfg.channels, bool):
+        raise ConfigError(f"{where}.channels must be 1 or 3, got {cfg.channels!r}")
+    _check_str(f"{where}.resize_policy", cfg.resize_policy)
+    _check_int(f"{where}.subset", cfg.subset, 1, none_ok=True)
+    if cfg.classes is not None and (
+        not isinstance(cfg.classes, tuple | list) or not all(isinstance(c, str) for c in cfg.classes)
+    ):
+        raise ConfigError(f"{where}.classes must be a list of class names, got {cfg.classes!r}")
+    _check_int(f"{where}.seed", cfg.seed, 0, SEED_LIMIT)
+    if not isinstance(cfg.canaries, tuple | list) or not all(_is_int(c) and c >= 1 for c in cfg.canaries):
+        raise ConfigError(f"{where}.canaries must be a list of copy counts >= 1, got {cfg.canaries!r}")
+    _check_int(f"{where}.canaries_per_count", cfg.canaries_per_count, 1)
+    if not isinstance(cfg.skip_bad, bool):
+        raise ConfigError(f"{where}.skip_bad must be true or false, got {cfg.skip_bad!r}")
+    return cfg
+
+
+def validate_train(cfg: TrainConfig, where: str = "train") -> TrainConfig:
+    """Raise a ConfigError naming the field when a TrainConfig value is out of range; returns ``cfg``."""
+    _check_int(f"{where}.steps", cfg.steps, 1)
+    _check_int(f"{where}.batch_size", cfg.batch_size, 1)
+    _check_float(f"{where}.lr", cfg.lr, 0.0, open_lo=True)
+    _check_float(f"{where}.weight_decay", cfg.weight_decay, 0.0)
+    _check_int(f"{where}.warmup_steps", cfg.warmup_steps, 0)
+    _check_float(f"{where}.grad_clip", cfg.grad_clip, 0.0)
+    _check_float(f"{where}.ema_decay", cfg.ema_decay, 0.0, 1.0)
+    _check_float(f"{where}.cond_drop_prob", cfg.cond_drop_prob, 0.0, 1.0)
+    _check_int(f"{where}.checkpoint_every", cfg.checkpoint_every, 1)
+    _check_int(f"{where}.log_every", cfg.log_every, 1)
+    _check_int(f"{where}.seed", cfg.seed, 0, SEED_LIMIT)
+    return cfg
+
+
+def validate_sample(cfg: SampleConfig, where: str = "sample") -> SampleConfig:
+    """Raise a ConfigError naming the field when a SampleConfig value is out of range; returns ``cfg``."""
+    _check_str(f"{where}.sampler", cfg.sampler)
+    _check_int(f"{where}.num_steps", cfg.num_steps, 1)
+    _check_float(f"{where}.guidance_scale", cfg.guidance_scale)
+    _check_float(f"{where}.temperature", cfg.temperature, 0.0)
+    _check_int(f"{where}.batch_size", cfg.batch_size, 1)
+    return cfg
+
+
+def validate_preset(preset: Preset) -> Preset:
+    """Check every section of ``preset``; returns it unchanged."""
+    check_model_fields(preset.model.to_dict())
+    validate_data(preset.data)
+    validate_train(preset.train)
+    validate_sample(preset.sample)
+    return preset
+
+
 def get_preset(name: str) -> Preset:
     """The preset called ``name``; unknown names raise a ConfigError listing the known ones."""
     if name not in PRESETS:
@@ -224,7 +359,10 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
         if name not in names:
             raise ConfigError(f"override {item!r}: {section} has no field {name!r}; known: {sorted(names)}")
         changes[section][name] = _coerce(_parse_value(raw), getattr(obj, name), key)
+    if changes["model"]:
+        # Before ModelConfig's own checks, which assume well-typed positive numbers.
+        check_model_fields({**preset.model.to_dict(), **changes["model"]})
     updated = {
         name: dataclasses.replace(obj, **changes[name]) if changes[name] else obj for name, obj in sections.items()
     }
-    return dataclasses.replace(preset, **updated)  # type: ignore[arg-type]
+    return validate_preset(dataclasses.replace(preset, **updated))  # type: ignore[arg-type]

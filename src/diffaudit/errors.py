@@ -22,3 +22,14 @@ class ConfigError(DiffauditError):
 
 class CheckpointError(DiffauditError):
     """A model directory is missing, incomplete, or in a format we refuse to load (e.g. a pickle)."""
+
+
+class OutputError(DiffauditError):
+    """An output path cannot be written: a directory where a file is needed (or the reverse), no permission."""
+
+
+def one_line(text: object) -> str:
+    """``text`` on one line: newlines and other control characters shown escaped (``\\n``), for error messages."""
+    return "".join(
+        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii") for ch in str(text)
+    )

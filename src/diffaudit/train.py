@@ -2,13 +2,18 @@
 
 Reproducibility: step ``s`` draws its batch, timesteps, noise and label dropout from a generator seeded by
 ``(seed, s)``, and its images from a per-epoch permutation seeded by ``(seed, epoch)``. Nothing depends on
-process history, so a run resumed from its last checkpoint ends exactly where an uninterrupted one does.
+process history, so a run resumed from its last checkpoint ends exactly where an uninterrupted one does: same
+weights bit for bit, and the same ``metrics.jsonl`` rows (apart from the measured ``images_per_s``), because a
+resume drops the rows logged after its checkpoint and the checkpoint carries the partial loss average.
+
+Crash safety: a checkpoint is assembled in ``checkpoints/.tmp-*`` and renamed into place before ``latest.json``
+points at it; the final model is swapped in by :func:`diffaudit.models.checkpoint.save_model`. A kill at any
+instant leaves a resumable run; resuming removes the killed run's temporary files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -18,17 +23,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from diffaudit.config import Preset
+from diffaudit.config import Preset, validate_preset
 from diffaudit.data.imageset import ImageSet
-from diffaudit.errors import CheckpointError, ConfigError
-from diffaudit.io import atomic_write_json
-from diffaudit.models.checkpoint import load_model, save_model
+from diffaudit.errors import CheckpointError, ConfigError, DiffauditError
+from diffaudit.io import atomic_write_json, crash_point, fsync_dir, read_json
+from diffaudit.models.checkpoint import load_model, recover_model_dir, save_model
 from diffaudit.models.diffusion import DiffusionModel
 from diffaudit.models.ema import EMA
 from diffaudit.progress import progress_bar
 from diffaudit.runs import RunDir
+from diffaudit.safeload import load_safetensors
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
@@ -88,8 +94,19 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(run: RunDir, step: int, model: DiffusionModel, ema: EMA, opt: torch.optim.Optimizer) -> Path:
-    """Write ``checkpoints/step-XXXXXXX`` atomically, point ``latest.json`` at it, prune older ones."""
+def save_checkpoint(
+    run: RunDir,
+    step: int,
+    model: DiffusionModel,
+    ema: EMA,
+    opt: torch.optim.Optimizer,
+    loss_acc: tuple[float, int] = (0.0, 0),
+) -> Path:
+    """Write ``checkpoints/step-XXXXXXX`` atomically, point ``latest.json`` at it, prune older ones.
+
+    ``loss_acc`` is the (sum, count) of losses since the last metrics row: a resumed run continues the average.
+    ``state.json`` is written last, so a step directory holding it is complete.
+    """
     root = run.file(CHECKPOINTS)
     root.mkdir(exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -97,31 +114,57 @@ def save_checkpoint(run: RunDir, step: int, model: DiffusionModel, ema: EMA, opt
     save_model(model, tmp / "model", ema_state=ema.state_dict())
     tensors, groups = _optimizer_tensors(opt)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    atomic_write_json(tmp / "state.json", {"step": step, "param_groups": groups})
-    if final.exists():
-        shutil.rmtree(final)
+    state = {"step": step, "param_groups": groups, "loss_sum": loss_acc[0], "loss_count": loss_acc[1]}
+    atomic_write_json(tmp / "state.json", state)
+    crash_point("checkpoint:tmp-written")
+    aside = root / f".old-{final.name}"
+    if final.exists():  # only when a finished run is resumed again: keep it until the new one is in place
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
     os.replace(tmp, final)
+    fsync_dir(root)
+    crash_point("checkpoint:moved")
     atomic_write_json(root / LATEST, {"step": step, "path": final.name})
+    crash_point("checkpoint:latest-written")
+    if aside.exists():
+        shutil.rmtree(aside)
     for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(run: RunDir, model: DiffusionModel, ema: EMA, opt: torch.optim.Optimizer) -> int:
-    """Restore the latest checkpoint of ``run``; returns the number of completed steps (0 when none)."""
+def _checkpoint_dir(root: Path) -> Path | None:
+    """The checkpoint to resume from: the one ``latest.json`` names, else the newest complete one."""
+    latest = read_json(root / LATEST, "checkpoint pointer", CheckpointError) if (root / LATEST).exists() else {}
+    name = latest.get("path") if isinstance(latest, dict) else None
+    if isinstance(name, str) and "/" not in name and name.startswith("step-"):
+        for candidate in (root / name, root / f".old-{name}"):
+            if (candidate / "state.json").is_file():
+                return candidate
+    complete = sorted(d for d in root.glob("step-*") if (d / "state.json").is_file())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(
+    run: RunDir, model: DiffusionModel, ema: EMA, opt: torch.optim.Optimizer
+) -> tuple[int, tuple[float, int]]:
+    """Restore the latest checkpoint of ``run``; returns (completed steps, loss accumulator) ((0, (0, 0)): none)."""
     root = run.file(CHECKPOINTS)
-    if not (root / LATEST).exists():
-        return 0
+    ckpt = _checkpoint_dir(root) if root.is_dir() else None
+    if ckpt is None:
+        return 0, (0.0, 0)
     try:
-        latest = json.loads((root / LATEST).read_text())
-        ckpt = root / latest["path"]
-        model.unet.load_state_dict(load_file(str(ckpt / "model" / "model.safetensors")))
-        ema.load_state_dict(load_file(str(ckpt / "model" / "ema.safetensors")))
-        meta = json.loads((ckpt / "state.json").read_text())
-        _load_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors")), meta["param_groups"])
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{root}: cannot resume from the latest checkpoint ({exc})") from exc
-    return int(meta["step"])
+        meta = read_json(ckpt / "state.json", "checkpoint state", CheckpointError)
+        model.unet.load_state_dict(load_safetensors(ckpt / "model" / "model.safetensors"))
+        ema.load_state_dict(load_safetensors(ckpt / "model" / "ema.safetensors"))
+        _load_optimizer(opt, load_safetensors(ckpt / "optimizer.safetensors"), meta["param_groups"])
+        step = int(meta["step"])
+        acc = (float(meta.get("loss_sum", 0.0)), int(meta.get("loss_count", 0)))
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, DiffauditError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{ckpt}: cannot resume from this checkpoint ({first})") from exc
+    return step, acc
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------
@@ -149,6 +192,7 @@ def train(
     from diffaudit.device import describe_device, resolve_device
 
     dev = resolve_device(device)
+    validate_preset(preset)
     tcfg = preset.train
     torch.manual_seed(tcfg.seed)  # only parameter initialisation uses the global generator
     if init is not None:
@@ -160,13 +204,16 @@ def train(
     run.update_manifest(device=describe_device(dev))
     ema = EMA(model.unet, tcfg.ema_decay)
     opt = torch.optim.AdamW(model.unet.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    start = load_checkpoint(run, model, ema, opt) if run.resume else 0
+    start, (loss_sum, loss_count) = load_checkpoint(run, model, ema, opt) if run.resume else (0, (0.0, 0))
+    if run.resume:
+        # Rows after the checkpoint are logged again below; a killed final save is finished or undone.
+        run.truncate_metrics(start)
+        recover_model_dir(run.file("model"))
     model.train()
 
     images = data.to_model_tensor().to(dev)
     labels = torch.from_numpy(data.labels).to(dev) if model.config.conditional else None
     t_last, n_since = time.perf_counter(), 0
-    loss_sum, loss_count = 0.0, 0
     with progress_bar(f"train {run.path.name}", total=tcfg.steps, completed=start, enabled=show_progress) as bar:
         for step in range(start, tcfg.steps):
             gen = torch.Generator().manual_seed(_step_seed(tcfg.seed, step))
@@ -199,7 +246,8 @@ def train(
             else:
                 bar.update(completed=done)
             if done % tcfg.checkpoint_every == 0 and done < tcfg.steps:
-                save_checkpoint(run, done, model, ema, opt)
+                save_checkpoint(run, done, model, ema, opt, (loss_sum, loss_count))
+            crash_point(f"train:step-{done}")
             if callback is not None:
                 callback(done, loss_value)
     model_id = save_model(
