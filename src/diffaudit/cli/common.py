@@ -1,4 +1,7 @@
-"""Small helpers shared by the command modules (console output, option parsing)."""
+"""Small helpers shared by the command modules (console output, option parsing).
+
+Imported by every command module, so it imports nothing heavy (rich's console, the config dataclasses).
+"""
 
 from __future__ import annotations
 
@@ -6,31 +9,42 @@ import json
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
-from diffaudit.config import DataConfig, Preset, apply_overrides, get_preset
+from diffaudit.config import DataConfig, Preset, apply_overrides, get_preset, validate_data
+from diffaudit.errors import one_line
 
 out = Console()
 err = Console(stderr=True)
 
 
+def user_text(value: object) -> str:
+    """``value`` made safe to embed in a rich markup string: markup escaped, newlines shown as ``\\n``."""
+    return escape(one_line(value))
+
+
 def print_json(obj: Any) -> None:
+    """Print ``obj`` as highlighted JSON on stdout (values that JSON cannot hold printed as strings)."""
     out.print_json(json.dumps(obj, default=str))
 
 
 def print_table(title: str, rows: dict[str, Any]) -> None:
-    table = Table(title=title, show_header=False)
+    """Print ``rows`` as a two-column table (keys and values are plain text, never markup)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(title), show_header=False)
     for key, value in rows.items():
-        table.add_row(str(key), f"{value:.4g}" if isinstance(value, float) else str(value))
+        table.add_row(Text(str(key)), Text(f"{value:.4g}" if isinstance(value, float) else str(value)))
     out.print(table)
 
 
 def resolve_preset(name: str, data: str | None, overrides: list[str] | None, steps: int | None = None) -> Preset:
-    """A preset with ``--data``, ``--steps`` and ``--set`` overrides applied (in that order)."""
+    """A preset with ``--data``, ``--steps`` and ``--set`` overrides applied (in that order), validated."""
     preset = get_preset(name)
     extra: list[str] = []
     if data is not None:
-        extra.append(f"data.source={data}")
+        extra.append(f"data.source={json.dumps(data)}")
     if steps is not None:
         extra.append(f"train.steps={steps}")
     return apply_overrides(preset, extra + list(overrides or []))
@@ -39,6 +53,8 @@ def resolve_preset(name: str, data: str | None, overrides: list[str] | None, ste
 def data_config_from_options(
     source: str, resolution: int | None, channels: int | None, subset: int | None, seed: int, skip_bad: bool
 ) -> DataConfig:
-    return DataConfig(
+    """A validated DataConfig from the usual ``data`` options (a bad value is a ConfigError naming it)."""
+    cfg = DataConfig(
         source=source, resolution=resolution, channels=channels, subset=subset, seed=seed, skip_bad=skip_bad
     )
+    return validate_data(cfg, where="option")
