@@ -45,7 +45,7 @@ def child(name: str, batch: int, repeats: int) -> dict:
 
     from diffaudit.pipelines.audit import generate_sd
     from diffaudit.pipelines.sd import load_sd
-    from diffaudit.pipelines.tiny import TinyPipelineConfig, save_tiny_pipeline
+    from diffaudit.generators.tiny import TinyPipelineConfig, save_tiny_pipeline
 
     torch.set_num_threads(1)
     baseline = _rss_mb()
@@ -86,7 +86,7 @@ def memorize(num_members: int, steps: int, per_prompt: int, seed: int, lr: float
     from diffaudit.pipelines.audit import extract_prompts, generate_sd, latent_losses
     from diffaudit.pipelines.loop import SDLoopConfig, _fine_tune, _trainable
     from diffaudit.pipelines.sd import images_to_tensor, load_sd
-    from diffaudit.pipelines.tiny import TinyPipelineConfig, save_tiny_pipeline
+    from diffaudit.generators.tiny import TinyPipelineConfig, save_tiny_pipeline
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:

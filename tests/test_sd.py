@@ -18,9 +18,9 @@ from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import CheckpointError, ConfigError, DataError
 from diffaudit.pipelines import audit
 from diffaudit.pipelines.audit import extract_prompts, generate_sd, latent_losses
-from diffaudit.pipelines.prompts import read_captioned_folder, read_prompts
+from diffaudit.data.prompts import read_captioned_folder, read_prompts
 from diffaudit.pipelines.sd import check_pipeline_dir, load_sd
-from diffaudit.pipelines.tiny import TinyPipelineConfig, save_tiny_pipeline
+from diffaudit.generators.tiny import TinyPipelineConfig, save_tiny_pipeline
 
 PROMPTS = ["a red square", "a blue circle"]
 

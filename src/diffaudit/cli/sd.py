@@ -36,7 +36,7 @@ def _load(model: str, device: str, dtype: str):
 
 def _prompt_seeds(path: Path, num_per_prompt: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray, list[int]]:
     """Prompts, labels (prompt index per image), seeds per image, and each prompt's first seed."""
-    from diffaudit.pipelines.prompts import read_prompts
+    from diffaudit.data.prompts import read_prompts
 
     if num_per_prompt < 1:
         raise ConfigError(f"num-per-prompt must be >= 1, got {num_per_prompt}")
@@ -222,7 +222,7 @@ def register(app: typer.Typer) -> None:
         """Loss-threshold membership inference in latent space: low loss at t means member."""
         from diffaudit.attacks.roc import summarize
         from diffaudit.pipelines.audit import latent_losses
-        from diffaudit.pipelines.prompts import read_captioned_folder
+        from diffaudit.data.prompts import read_captioned_folder
 
         _check(model)
         with RunDir(out, "sd-mia") as run:
@@ -267,7 +267,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Fine-tune only the U-Net on real + self-generated (img2img) images for several generations."""
         from diffaudit.pipelines.loop import SDLoopConfig, config_dict, run_sd_loop
-        from diffaudit.pipelines.prompts import read_captioned_folder, read_prompts
+        from diffaudit.data.prompts import read_captioned_folder, read_prompts
 
         cfg = SDLoopConfig(
             generations=generations,

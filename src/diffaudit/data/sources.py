@@ -1,4 +1,4 @@
-"""Turning a source spec ("digits", "faces", "glyphs", "folder:PATH", "npz:PATH") into an ImageSet.
+"""Turning a source spec ("digits", "faces", "glyphs", "folder:PATH", "captioned:PATH", "npz:PATH") into an ImageSet.
 
 Options applied after loading, in this order: class subset, channels, resolution (explicit policy), subset size
 (a seeded random sample, stratified by nothing: a plain permutation prefix), then planted duplicates (canaries,
@@ -36,7 +36,7 @@ class SourceOptions:
 
 def known_sources() -> list[str]:
     """Names of the built-in sources plus the user-source prefixes."""
-    return sorted(BUILTIN_SOURCES) + ["folder:PATH", "npz:PATH"]
+    return sorted(BUILTIN_SOURCES) + ["folder:PATH", "captioned:PATH", "npz:PATH"]
 
 
 def _load_raw(spec: str, opts: SourceOptions) -> tuple[ImageSet, dict[str, object]]:
@@ -51,6 +51,12 @@ def _load_raw(spec: str, opts: SourceOptions) -> tuple[ImageSet, dict[str, objec
         )
         info.update(read=report.read, skipped=len(report.skipped), skipped_files=report.skipped)
         return ImageSet(images, labels, names, {"source": spec}), info
+    if kind == "captioned" and path:
+        # Hugging Face imagefolder layout (metadata.jsonl with file_name/text, or NAME.txt beside NAME.png):
+        # labels index the unique captions, which become the conditions a text-to-image model is audited on.
+        from diffaudit.data.prompts import read_captioned_folder
+
+        return read_captioned_folder(path, opts.resolution, opts.resize_policy, opts.max_pixels), info
     if kind == "npz" and path:
         loaded = ImageSet.load(path)
         return loaded.with_provenance(

@@ -83,15 +83,16 @@ def _metadata_captions(root: Path) -> dict[str, str]:
 
 def read_captioned_folder(
     root: str | Path,
-    resolution: int,
+    resolution: int | None,
     resize_policy: str = "center-crop",
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> tuple[ImageSet, list[str]]:
-    """Read a folder of captioned images as RGB ``uint8 (N, 3, resolution, resolution)`` plus captions.
+) -> ImageSet:
+    """Read a folder of captioned images as RGB ``uint8 (N, 3, resolution, resolution)``; captions are conditions.
 
     Captions come from ``metadata.jsonl`` when present, else from ``NAME.txt`` beside ``NAME.png``. A missing
-    caption is an error naming the image (an empty caption must be written explicitly). The ImageSet's
-    ``source`` is ``folder:ROOT``; labels are -1.
+    caption is an error naming the image (an empty caption must be written explicitly). The ImageSet's labels
+    index its ``class_names``, the unique captions in first-seen order (class-labelled data is the same thing with
+    class names as captions); ``source`` is ``captioned:ROOT``. ``resolution`` None: the first image's shorter side.
     """
     root = Path(root)
     if not root.is_dir():
@@ -114,7 +115,15 @@ def read_captioned_folder(
                 raise DataError(f"{f}: no caption (expected {txt.name} beside it, or a metadata.jsonl in {root})")
             caption = txt.read_text(encoding="utf-8").strip()
         arr = convert_channels(_to_array(_read_one(f, root, max_pixels), f)[None], 3)[0]
+        resolution = resolution or int(min(arr.shape[1:]))
         images.append(resize_image(arr, resolution, resize_policy))
         captions.append(caption)
-    data = ImageSet(np.stack(images), np.full(len(images), -1), (), {"source": f"folder:{root}"})
-    return data, captions
+    names = tuple(dict.fromkeys(captions))
+    index = {c: i for i, c in enumerate(names)}
+    labels = np.array([index[c] for c in captions], dtype=np.int64)
+    return ImageSet(np.stack(images), labels, names, {"source": f"captioned:{root}"})
+
+
+def captions_of(data: ImageSet) -> list[str]:
+    """The caption (condition name) of every image of ``data``; ``""`` for unlabelled images."""
+    return [data.class_names[c] if 0 <= c < len(data.class_names) else "" for c in data.labels.tolist()]

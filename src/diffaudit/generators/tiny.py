@@ -1,6 +1,6 @@
 """Tiny random-weight Stable Diffusion pipelines, built from configs, for tests, docs and benchmarks.
 
-A real audit loads a user's pipeline directory (:mod:`diffaudit.pipelines.sd`); tests cannot download one, so
+A real audit loads a user's pipeline directory (:mod:`diffaudit.generators.pipeline`); tests cannot download one, so
 they build a pipeline of the same *layout* (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer,
 a scheduler; ``model_index.json``) with a few thousand random weights and save it with
 ``save_pretrained(safe_serialization=True)``. Everything here is deterministic given ``seed``.
