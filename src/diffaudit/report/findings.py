@@ -11,6 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from diffaudit.report.files import read_json
+
+# (run dir, manifest, config, metrics rows, parsed JSON files by name) -> sentences. The JSON files come from
+# diffaudit.report.files, which reads only regular files inside the run.
 Findings = Callable[[Path, dict[str, Any], dict[str, Any], list[dict[str, Any]], dict[str, Any]], list[str]]
 _REGISTRY: dict[str, Findings] = {}
 
@@ -90,9 +94,11 @@ def _pct(x: Any) -> str:
 def loop_findings(
     run: Path, manifest: dict[str, Any], config: dict[str, Any], rows: list[dict[str, Any]], results: dict[str, Any]
 ) -> list[str]:
-    summary = _read(run / "summary.json")
+    # Callers outside the report (tests, the loop CLI) may pass no files; read them here, inside the run only.
+    summary = results["summary.json"] if "summary.json" in results else read_json(run, "summary.json")
     out = []
-    for name, arm in (summary or {}).get("arms", {}).items():
+    arms = summary.get("arms") if isinstance(summary, dict) else None
+    for name, arm in (arms if isinstance(arms, dict) else {}).items():
         cfg, curves, phases = arm["config"], arm["curves"], arm["phases"]
         share = (
             f"{cfg['synthetic_count']} of {cfg['train_size']}"
@@ -130,8 +136,8 @@ def loop_findings(
             f"synthetic images before retraining ({sum(f.get('synthetic_slipped', 0) for f in filtered)} "
             f"slipped through) and {sum(f.get('real_removed', 0) for f in filtered)} real images."
         )
-    guard = _read(run / "safeguard.json")
-    if guard and guard.get("inherited_tag_rate_by_generation"):
+    guard = results["safeguard.json"] if "safeguard.json" in results else read_json(run, "safeguard.json")
+    if isinstance(guard, dict) and guard.get("inherited_tag_rate_by_generation"):
         rates = ", ".join(f"gen {g}: {_pct(v)}" for g, v in guard["inherited_tag_rate_by_generation"].items())
         out.append(f"Share of each model's own (untagged) samples that already carry the tag: {rates}.")
     return out
@@ -204,12 +210,3 @@ def guard_findings(
             f"{_num(decisions.get('ms_per_image'))} ms per image."
         )
     return out or generic_findings(run, manifest, config, rows, results)
-
-
-def _read(path: Path) -> Any:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
