@@ -331,18 +331,21 @@ def min_bit_accuracy(num_bits: int, false_alarm: float = KNOWN_TAG_FALSE_ALARM) 
 
 
 def _read_folder(folder: Path) -> Iterable[tuple[str, np.ndarray | None, str]]:
-    from PIL import Image, UnidentifiedImageError
+    # The shared folder reader's guards (symlinks out of the folder, loops, bombs, non-PNG/JPEG bytes) apply;
+    # a refused file is reported with its reason instead of stopping the scan.
+    from diffaudit.data.folder import open_image, scan_folder
 
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for path in scan_folder(folder, images_only=False):
         try:
-            with Image.open(path) as pil:
-                if pil.mode not in ("RGB", "RGBA", "P"):
-                    yield path.name, None, f"mode {pil.mode} is not colour"
-                    continue
-                arr = np.asarray(pil.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
-        except (UnidentifiedImageError, OSError) as exc:
-            yield path.name, None, f"not a readable image ({exc})"
+            pil = open_image(path, folder)
+        except DataError as exc:
+            yield path.name, None, f"not a readable image ({str(exc).removeprefix(f'{path}: ')})"
             continue
+        with pil:
+            if pil.mode not in ("RGB", "RGBA", "P"):
+                yield path.name, None, f"mode {pil.mode} is not colour"
+                continue
+            arr = np.asarray(pil.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
         yield path.name, arr, ""
 
 
