@@ -26,13 +26,16 @@ def is_pickle(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in PICKLE_SUFFIXES
 
 
-def refuse_pickle_file(path: str | os.PathLike[str], what: str = "checkpoint") -> None:
-    """Raise :class:`CheckpointError` when ``path`` is a pickle file; ``what`` names it in the message."""
+def refuse_pickle_file(path: str | os.PathLike[str], what: str = "checkpoint", hint: str = "") -> None:
+    """Raise :class:`CheckpointError` when ``path`` is a pickle file (never opened).
+
+    ``what`` names the file in the message; ``hint`` replaces the generic conversion advice.
+    """
     p = Path(path)
     if is_pickle(p):
         raise CheckpointError(
-            f"{p}: refusing to load a pickled {what} ({p.suffix}); unpickling can run arbitrary code. "
-            "Convert it to safetensors once, in an environment you trust."
+            f"{p}: refusing to load a pickled {what} ({p.suffix}); unpickling can run arbitrary code, so "
+            f"diffaudit never unpickles. {hint or 'Convert it to safetensors once, in an environment you trust.'}"
         )
 
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from diffaudit.errors import ConfigError, DataError
 from diffaudit.io import atomic_path, atomic_write_json
+from diffaudit.safeload import load_safetensors, sha256_file
 
 #: Bump when the architecture or training procedure changes: old cache entries then stop matching.
 ARCH_VERSION = 1
@@ -285,14 +286,6 @@ def train_feature_net(
 
 
 # ---- cache -----------------------------------------------------------------------------------------------
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def entry_dir(root: Path, key: str) -> Path:
     return root / "feature-nets" / key[:24]
 
@@ -305,7 +298,7 @@ def save_entry(directory: Path, net: FeatureNet, meta: dict[str, Any]) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     with atomic_path(weights, suffix=".safetensors") as tmp:
         save_file(state, str(tmp))
-    atomic_write_json(directory / "meta.json", {**meta, "weights_sha256": _sha256_file(weights)})
+    atomic_write_json(directory / "meta.json", {**meta, "weights_sha256": sha256_file(weights)})
 
 
 def load_entry(directory: Path, key: str, build: Any) -> tuple[FeatureNet, dict[str, Any]] | None:
@@ -313,8 +306,6 @@ def load_entry(directory: Path, key: str, build: Any) -> tuple[FeatureNet, dict[
 
     ``build(meta)`` makes an untrained net of the recorded shape to load the weights into.
     """
-    from safetensors.torch import load_file
-
     meta_path, weights = directory / "meta.json", directory / "model.safetensors"
     if not meta_path.exists() and not weights.exists():
         return None
@@ -322,10 +313,10 @@ def load_entry(directory: Path, key: str, build: Any) -> tuple[FeatureNet, dict[
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if meta.get("key") != key:
             raise ValueError(f"key {meta.get('key')!r} does not match")
-        if _sha256_file(weights) != meta.get("weights_sha256"):
+        if sha256_file(weights) != meta.get("weights_sha256"):
             raise ValueError("weights checksum does not match meta.json")
         net = build(meta)
-        net.load_state_dict(load_file(str(weights)), strict=True)
+        net.load_state_dict(load_safetensors(weights, "feature-network weights"), strict=True)
     except Exception as exc:  # any failure means "do not trust it": retrain and overwrite
         warnings.warn(
             f"ignoring damaged feature-network cache entry {directory}: {exc}; retraining",

@@ -18,7 +18,6 @@ file is recorded in :meth:`InceptionExtractor.describe` so that results say whic
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -30,13 +29,12 @@ from torch import nn
 
 from diffaudit.errors import CheckpointError, ConfigError, DataError
 from diffaudit.metrics.features import INCEPTION, FeatureExtractor
+from diffaudit.safeload import load_safetensors, refuse_pickle_file, sha256_file
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 # Images per forward pass inside one extractor batch: a 299x299 batch costs ~30 MB of activations per image.
 CHUNK = 16
-# Pickle-based formats: refused, never opened.
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle")
 # Keys that may be present in the file and are not used (the 1008-way classifier head of the FID graph).
 IGNORED_PREFIXES = ("fc.",)
 # BatchNorm's step counter: absent from some exported state dicts, unused in eval mode.
@@ -247,14 +245,6 @@ class FIDInceptionV3(nn.Module):
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _listing(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
@@ -278,14 +268,13 @@ def resolve_weights(weights: str | os.PathLike[str] | None) -> Path:
     if not isinstance(weights, (str, os.PathLike)):
         raise ConfigError(f"inception option weights={weights!r} must be a path to a .safetensors file")
     path = Path(weights).expanduser()
+    refuse_pickle_file(
+        path,
+        "inception weights file",
+        "Convert it to safetensors once, on a machine where you trust it (the 5-line script in docs/metrics.md, "
+        "'Inception'), then pass weights=PATH.safetensors",
+    )
     suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        raise CheckpointError(
-            f"refusing to load inception weights {str(path)!r}: {suffix} files are pickles, which can run "
-            "arbitrary code when opened, and diffaudit never unpickles. Convert the file to safetensors once, "
-            "on a machine where you trust it (the 5-line script in docs/metrics.md, 'Inception'), then pass "
-            "weights=PATH.safetensors"
-        )
     if suffix != ".safetensors":
         raise CheckpointError(
             f"inception weights {str(path)!r} must be a .safetensors file (see docs/metrics.md for the conversion)"
@@ -301,13 +290,7 @@ def load_fid_inception(path: Path) -> FIDInceptionV3:
     Raises:
         CheckpointError: the file does not parse as safetensors, or keys are missing, unexpected or misshapen.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"inception weights {str(path)!r} are not a readable safetensors file: {err}") from err
+    state = load_safetensors(path, "inception weights")
     net = FIDInceptionV3()
     expected = net.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
