@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from diffaudit.cli.common import err
 from diffaudit.io import atomic_write_text
@@ -20,4 +21,5 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write one HTML page (images and plots embedded, nothing fetched) covering RUNS."""
         atomic_write_text(out, build_report(list(runs), title=title))
-        err.print(f"report written to {out}")
+        # The path is user text: escaped so "[/]" or "[bold]" in a file name is printed, not parsed as markup.
+        err.print(f"report written to {escape(str(out))}")

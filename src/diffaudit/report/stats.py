@@ -46,9 +46,9 @@ def auc_interval(auc: float, n_pos: int, n_neg: int, z: float = Z95) -> tuple[fl
 
 
 def pct(x: float, digits: int = 1) -> str:
-    """``0.0473`` -> ``"4.7%"``; small non-zero values keep two significant digits."""
+    """``0.0473`` -> ``"4.7%"``; values under 1% keep two significant digits (0.76%, not 0.8%)."""
     value = 100 * x
-    if 0 < abs(value) < 0.1:
+    if 0 < abs(value) < 1:
         return f"{value:.2g}%"
     return f"{value:.{digits}f}%"
 
