@@ -40,7 +40,7 @@ def test_train_then_sample_end_to_end(tmp_path):
     assert manifest["status"] == "finished" and manifest["kind"] == "train"
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 4
 
-    out = tmp_path / "s.npz"
+    out = tmp_path / "s"
     result = runner.invoke(
         app,
         [
@@ -60,12 +60,15 @@ def test_train_then_sample_end_to_end(tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    samples = ImageSet.load(out)
+    samples = ImageSet.load(out / "samples.npz")
     assert samples.images.shape == (6, 1, 8, 8)
     assert samples.labels.tolist() == [3, 4, 3, 4, 3, 4]
     assert samples.provenance["seed"].tolist() == list(range(10, 16))
     assert (samples.provenance["model_id"] == manifest["model_id"]).all()
-    assert out.with_suffix(".png").exists()
+    assert (out / "grid.png").exists()
+    sample_manifest = json.loads((out / "manifest.json").read_text())
+    assert sample_manifest["kind"] == "sample" and sample_manifest["model_id"] == manifest["model_id"]
+    assert json.loads((out / "config.json").read_text())["generator"]["family"] == "classcond"
 
 
 def test_dry_run_prints_resolved_config(tmp_path):
@@ -92,7 +95,7 @@ def test_user_error_is_one_line_exit_2(tmp_path):
             "--model",
             str(tmp_path / "missing"),
             "--out",
-            str(tmp_path / "x.npz"),
+            str(tmp_path / "x"),
         ],
         capture_output=True,
         text=True,
@@ -111,9 +114,10 @@ def test_sample_with_guard_records_blocked_outputs(tmp_path):
     """A guard index built from the model's own samples blocks them all: each is re-sampled and recorded."""
     run = tmp_path / "run"
     assert runner.invoke(app, ["train", "--out", str(run), "--steps", "2", "--grid-images", "0", *TINY]).exit_code == 0
-    first = tmp_path / "first.npz"
+    first_run = tmp_path / "first"
     args = ["sample", "--model", str(run), "--num-images", "4", "--num-steps", "3"]
-    assert runner.invoke(app, [*args, "--out", str(first)]).exit_code == 0
+    assert runner.invoke(app, [*args, "--out", str(first_run)]).exit_code == 0
+    first = first_run / "samples.npz"
     index = tmp_path / "index"
     result = runner.invoke(
         app,
@@ -131,10 +135,11 @@ def test_sample_with_guard_records_blocked_outputs(tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    guarded = tmp_path / "guarded.npz"
-    result = runner.invoke(app, [*args, "--out", str(guarded), "--guard", str(index), "--guard-retries", "2"])
+    guarded_run = tmp_path / "guarded"
+    result = runner.invoke(app, [*args, "--out", str(guarded_run), "--guard", str(index), "--guard-retries", "2"])
     assert result.exit_code == 0, result.output
-    record = json.loads((tmp_path / "guarded.guard.json").read_text())
+    record = json.loads((guarded_run / "guard.json").read_text())
+    guarded = guarded_run / "samples.npz"
     indexed_seeds = {int(s) for s in ImageSet.load(first).provenance["seed"]}
     blocked_seeds = {int(b["seed"]) for b in record["blocked"]}
     # the indexed outputs (the seeds that made the index's training half) must be among the blocked ones

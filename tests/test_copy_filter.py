@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from diffaudit.cli import app
-from diffaudit.config import SampleConfig
 from diffaudit.data.imageset import ImageSet
 from diffaudit.data.sources import load_source
 from diffaudit.distances import normalized_l2
 from diffaudit.errors import ConfigError, DataError
 from diffaudit.guards.copy_filter import CopyFilter, check_report
-from diffaudit.guards.guarded_sampling import guard_record_path, guarded_generate, retry_seed, write_guard_record
+from diffaudit.guards.guarded_sampling import guarded_generate, retry_seed
 from diffaudit.guards.index import TrainingIndex, build_index, calibrate_threshold, split_holdout
 from diffaudit.guards.perturb import gaussian_noise, jpeg
 
@@ -122,24 +119,22 @@ def test_tiled_index_and_report(digits):
 
 
 class FakeModel:
-    """Returns training image ``copy_of[seed]`` for some seeds, and a flat white image otherwise."""
+    """A fake Generator: training image ``copy_of[seed]`` for some seeds, and a flat white image otherwise."""
 
     def __init__(self, train: np.ndarray, copy_of: dict[int, int], always_copy_label: int | None = None) -> None:
-        self.config = SimpleNamespace(conditional=True, channels=1, resolution=8)
         self.train, self.copy_of, self.always = train, copy_of, always_copy_label
+        self.conditions = ("a", "b")
 
-    def eval(self) -> FakeModel:
-        return self
+    def sample(self, labels, seeds, **options):  # noqa: ANN001, ANN003, ANN201
+        from diffaudit.generators.base import synthetic_set
 
-    def sample(self, labels, seeds, sampler, steps, guidance, temperature):  # noqa: ANN001, ANN201
         out = []
-        for lab, s in zip(labels.tolist(), seeds, strict=True):
+        for lab, s in zip(np.asarray(labels).tolist(), seeds, strict=True):
             if s in self.copy_of or lab == self.always:
-                img = self.train[self.copy_of.get(s, 0)]
+                out.append(self.train[self.copy_of.get(s, 0)])
             else:
-                img = np.full((1, 8, 8), 255, np.uint8)
-            out.append(torch.from_numpy(img.astype(np.float32) / 127.5 - 1.0))
-        return torch.stack(out)
+                out.append(np.full((1, 8, 8), 255, np.uint8))
+        return synthetic_set(np.stack(out), labels, self.conditions, "m", seeds, options.get("generation", -1))
 
 
 @pytest.fixture(scope="module")
@@ -152,30 +147,28 @@ def dark_filter():
 def test_guarded_sampling_resamples_blocked_seeds(tmp_path, dark_filter):
     train = dark_filter.index.images
     model = FakeModel(train, copy_of={1: 5, 3: 7})
-    cfg = SampleConfig(num_steps=1)
     labels = np.zeros(6, np.int64)
-    out, record = guarded_generate(model, "m", labels, range(6), cfg, dark_filter, ["a"], show_progress=False)
+    out, record = guarded_generate(model, labels, range(6), {"num_steps": 1}, dark_filter, show_progress=False)
     assert len(out) == 6 and record["num_images_resampled"] == 2 and record["num_gave_up"] == 0
     blocked = {(b["position"], b["seed"], b["attempt"]) for b in record["blocked"]}
     assert blocked == {(1, 1, 0), (3, 3, 0)}
     assert {b["nearest_id"] for b in record["blocked"]} == {dark_filter.index.ids[5], dark_filter.index.ids[7]}
     assert out.provenance["seed"].tolist() == [0, retry_seed(1, 1), 2, retry_seed(3, 1), 4, 5]
     assert not dark_filter.blocked_mask(out).any()
-    path = write_guard_record(tmp_path / "s.npz", record)
-    assert path == guard_record_path(tmp_path / "s.npz") and json.loads(path.read_text())["num_requested"] == 6
+    assert record["num_requested"] == 6 and json.loads(json.dumps(record)) == record  # JSON-ready
 
 
 def test_guarded_sampling_gives_up_after_bound(dark_filter):
     model = FakeModel(dark_filter.index.images, copy_of={}, always_copy_label=0)
     labels = np.array([0, 1, 1, 0], np.int64)
-    cfg = SampleConfig(num_steps=1)
-    out, record = guarded_generate(model, "m", labels, [10, 11, 12, 13], cfg, dark_filter, ["a", "b"],
+    cfg = {"num_steps": 1}
+    out, record = guarded_generate(model, labels, [10, 11, 12, 13], cfg, dark_filter,
                                    max_retries=2, show_progress=False)  # fmt: skip
     assert len(out) == 2 and out.labels.tolist() == [1, 1]
     assert record["num_gave_up"] == 2 and record["num_blocked_attempts"] == 6
     gave = record["gave_up"][0]
     assert gave["position"] == 0 and gave["seeds_tried"] == [10, retry_seed(10, 1), retry_seed(10, 2)]
-    kept, rec2 = guarded_generate(model, "m", labels, [10, 11, 12, 13], cfg, dark_filter, ["a", "b"],
+    kept, rec2 = guarded_generate(model, labels, [10, 11, 12, 13], cfg, dark_filter,
                                   max_retries=0, keep_exhausted=True, show_progress=False)  # fmt: skip
     assert len(kept) == 4 and rec2["num_blocked_attempts"] == 2 and rec2["gave_up"][1]["kept"]
     assert len({retry_seed(s, a) for s in range(50) for a in range(6)}) == 300  # retry seeds do not collide

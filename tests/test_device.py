@@ -8,13 +8,13 @@ import torch
 from typer.testing import CliRunner
 
 from diffaudit.cli import app
-from diffaudit.config import SampleConfig, apply_overrides, get_preset
+from diffaudit.config import apply_overrides, get_preset
 from diffaudit.data.sources import load_source
 from diffaudit.device import ENV_VAR, resolve_device
 from diffaudit.errors import ConfigError
+from diffaudit.generators.classcond import ClassCondGenerator
 from diffaudit.models.checkpoint import load_model
 from diffaudit.runs import RunDir
-from diffaudit.sampling import generate
 from diffaudit.train import train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
@@ -58,10 +58,9 @@ def test_cpu_training_and_sampling_land_on_cpu(tmp_path):
     model_dir = _tiny(tmp_path, "cpu")
     net, meta = load_model(model_dir, device="cpu")
     assert net.device == torch.device("cpu")
-    out = generate(
-        net, meta["model_id"], np.zeros(4, np.int64), range(4), SampleConfig(num_steps=3), show_progress=False
-    )
-    assert out.images.shape == (4, 1, 8, 8)
+    gen = ClassCondGenerator.load(model_dir, device="cpu")
+    out = gen.sample(np.zeros(4, np.int64), range(4), num_steps=3)
+    assert out.images.shape == (4, 1, 8, 8) and gen.device == torch.device("cpu")
 
 
 @needs_cuda
@@ -73,9 +72,8 @@ def test_gpu_matches_cpu_within_float_error(tmp_path):
     assert gpu_net.device.type == "cuda"
     for (name, a), (_, b) in zip(cpu_net.unet.state_dict().items(), gpu_net.unet.state_dict().items(), strict=True):
         assert torch.allclose(a, b.cpu(), atol=2e-3, rtol=1e-2), name
-    cfg = SampleConfig(sampler="ddpm", num_steps=10)
     labels = np.arange(8) % 10
-    a = generate(cpu_net.cpu(), "x", labels, range(8), cfg, show_progress=False).images.astype(int)
-    gpu_net.cuda()
-    b = generate(gpu_net, meta["model_id"], labels, range(8), cfg, show_progress=False).images.astype(int)
+    a = ClassCondGenerator(cpu_net.cpu(), "x", []).sample(labels, range(8), sampler="ddpm", num_steps=10)
+    b = ClassCondGenerator(gpu_net.cuda(), "x", []).sample(labels, range(8), sampler="ddpm", num_steps=10)
+    a, b = a.images.astype(int), b.images.astype(int)
     assert np.abs(a - b).mean() < 3.0  # uint8 levels; kernels differ in the last bits, seeds do not

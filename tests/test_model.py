@@ -2,12 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from diffaudit.config import SampleConfig
 from diffaudit.errors import CheckpointError, ConfigError
+from diffaudit.generators.base import seeded_noise
+from diffaudit.generators.classcond import ClassCondGenerator
+from diffaudit.generators.schedulers import make_scheduler
+from diffaudit.generators.select import parse_labels
 from diffaudit.models.checkpoint import load_model, save_model
 from diffaudit.models.config import ModelConfig
-from diffaudit.models.diffusion import DiffusionModel, per_sample_noise
-from diffaudit.sampling import generate, parse_labels
+from diffaudit.models.diffusion import DiffusionModel
 
 TINY = ModelConfig(
     resolution=8,
@@ -25,32 +27,23 @@ def tiny_model() -> DiffusionModel:
     return DiffusionModel(TINY).eval()
 
 
-def test_per_sample_noise_depends_only_on_seed():
-    a = per_sample_noise((1, 4, 4), [5, 6, 7])
-    b = per_sample_noise((1, 4, 4), [7])
+@pytest.fixture(scope="module")
+def tiny_gen(tiny_model) -> ClassCondGenerator:
+    return ClassCondGenerator(tiny_model, "m", ["a", "b", "c"])
+
+
+def test_seeded_noise_depends_only_on_seed():
+    a = seeded_noise((1, 4, 4), [5, 6, 7])
+    b = seeded_noise((1, 4, 4), [7])
     torch.testing.assert_close(a[2], b[0])
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
-def test_samples_do_not_depend_on_batch(tiny_model, sampler):
+def test_samples_do_not_depend_on_batch(tiny_gen, sampler):
     labels = np.array([0, 1, 2, 0, 1])
-    steps = 10
-    one = generate(
-        tiny_model,
-        "m",
-        labels,
-        range(5),
-        SampleConfig(sampler, steps, 2.0, batch_size=5),
-        show_progress=False,
-    )
-    split = generate(
-        tiny_model,
-        "m",
-        labels,
-        range(5),
-        SampleConfig(sampler, steps, 2.0, batch_size=2),
-        show_progress=False,
-    )
+    kw = dict(sampler=sampler, num_steps=10, guidance_scale=2.0)
+    one = tiny_gen.sample(labels, range(5), batch_size=5, **kw)
+    split = tiny_gen.sample(labels, range(5), batch_size=2, **kw)
     # The same seeds in different batches give the same uint8 image (allowing a rounding step of 1 level
     # for BLAS reductions whose order depends on batch size).
     diff = np.abs(one.images.astype(int) - split.images.astype(int))
@@ -61,32 +54,32 @@ def test_samples_do_not_depend_on_batch(tiny_model, sampler):
     assert one.provenance["synthetic"].all() and (one.provenance["model_id"] == "m").all()
 
 
-def test_guidance_changes_output_and_temperature_zero_is_deterministic(tiny_model):
-    lab = torch.tensor([1, 1])
-    a = tiny_model.sample(lab, [0, 1], "ddim", 5, guidance_scale=1.0)
-    b = tiny_model.sample(lab, [0, 1], "ddim", 5, guidance_scale=3.0)
-    assert not torch.allclose(a, b)
-    c = tiny_model.sample(lab, [0, 1], "ddim", 5, temperature=0.0)
-    torch.testing.assert_close(c[0], c[1])
+def test_guidance_changes_output_and_temperature_zero_is_deterministic(tiny_gen):
+    lab = np.array([1, 1])
+    a = tiny_gen.sample(lab, [0, 1], num_steps=5, guidance_scale=1.0).images
+    b = tiny_gen.sample(lab, [0, 1], num_steps=5, guidance_scale=3.0).images
+    assert not np.array_equal(a, b)
+    c = tiny_gen.sample(lab, [0, 1], num_steps=5, temperature=0.0).images
+    np.testing.assert_array_equal(c[0], c[1])
 
 
-def test_unknown_sampler_and_steps(tiny_model):
+def test_unknown_sampler_and_steps(tiny_gen):
     with pytest.raises(ConfigError, match="unknown sampler"):
-        tiny_model.make_sampler("euler", 10)
+        tiny_gen.sample(np.array([0]), [0], sampler="euler", num_steps=10)
     with pytest.raises(ConfigError, match="num_steps"):
-        tiny_model.make_sampler("ddim", 0)
+        tiny_gen.sample(np.array([0]), [0], num_steps=0)
 
 
 def test_ddim_golden_with_dummy_denoiser():
     """With a denoiser that predicts zero noise, DDIM maps x_T deterministically: a fixed, known sum."""
-    model = DiffusionModel(TINY)
-    model.predict_noise = lambda x, t, labels: torch.zeros_like(x)  # type: ignore[method-assign]
-    x = model.sample(None, [0], "ddim", 10)
+    gen = ClassCondGenerator(DiffusionModel(TINY), "m", ["a", "b", "c"])
+    gen._predict = lambda x, t, cond: torch.zeros_like(x)  # type: ignore[method-assign]
+    x = gen._sample_batch(np.array([-1]), [0], None, 1.0, "ddim", 10, 1.0, 1.0)
     # eps = 0 makes every DDIM step predict x0 = x_t / sqrt(abar_t). After the first step
     # x_t = sqrt(abar_t) * x0, so the prediction never changes; the final clamp gives clip(x_T / sqrt(abar_T)).
-    sched = model.make_sampler("ddim", 10)
+    sched = make_scheduler("ddim", gen.scheduler_config, 10, pixel_space=True)
     abar_first = sched.alphas_cumprod[int(sched.timesteps[0])]
-    expected = (per_sample_noise((1, 8, 8), [0]) / abar_first.sqrt()).clamp(-1, 1)
+    expected = (seeded_noise((1, 8, 8), [0]) / abar_first.sqrt()).clamp(-1, 1)
     torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)
     assert abs(float(x.sum()) - float(expected.sum())) < 1e-3
 

@@ -9,9 +9,7 @@ import typer
 from diffaudit.cli.common import err, print_json, resolve_preset
 from diffaudit.data.grid import save_grid
 from diffaudit.data.loading import load_data
-from diffaudit.models.checkpoint import load_model
 from diffaudit.runs import RunDir
-from diffaudit.sampling import generate, parse_labels
 from diffaudit.train import train as train_model
 
 
@@ -41,17 +39,13 @@ def register(app: typer.Typer) -> None:
                 run.update_manifest(canaries=info["canaries"])
             model_id = train_model(cfg, images, run, init=init)
             if grid_images > 0:
-                model, meta = load_model(run.file("model"))
-                labels = parse_labels("all", grid_images, images.class_names)
-                samples = generate(
-                    model,
-                    model_id,
-                    labels,
-                    range(grid_images),
-                    cfg.sample,
-                    images.class_names,
-                    show_progress=False,
-                )
+                from diffaudit.generators.classcond import ClassCondGenerator
+                from diffaudit.generators.select import parse_labels
+                from diffaudit.sampling import sample_options
+
+                gen = ClassCondGenerator.load(run.file("model"))
+                labels = parse_labels("all", grid_images, gen.conditions)
+                samples = gen.sample(labels, range(grid_images), **sample_options(cfg.sample))
                 save_grid(
                     samples.images,
                     run.file("samples-grid.png"),

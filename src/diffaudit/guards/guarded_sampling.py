@@ -1,6 +1,6 @@
 """Sampling behind a copy filter: blocked outputs are re-sampled with new seeds, a bounded number of times.
 
-:func:`guarded_generate` wraps :func:`diffaudit.sampling.generate`. Image ``i`` is first sampled with
+:func:`guarded_generate` wraps any generator's ``sample``. Image ``i`` is first sampled with
 ``seeds[i]``; while the filter blocks it, it is re-sampled with :func:`retry_seed` ``(seeds[i], attempt)`` for
 ``attempt = 1 .. max_retries``. The retry seed depends only on the original seed and the attempt, so the
 result for one image still never depends on the batch or on which other images were blocked. An image still
@@ -11,17 +11,14 @@ Every blocked attempt is recorded with its seed, nearest training id and distanc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from diffaudit.config import SampleConfig
 from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import ConfigError
+from diffaudit.generators.base import Generator
 from diffaudit.guards.copy_filter import CopyFilter
-from diffaudit.io import atomic_write_json
-from diffaudit.sampling import generate
 
 DEFAULT_MAX_RETRIES = 5
 #: Retry seeds live below 2**62, so that int64 provenance columns and torch generators take them.
@@ -40,30 +37,22 @@ def retry_seed(seed: int, attempt: int) -> int:
     return int(((int(state[0]) << 32) | int(state[1])) >> (64 - _RETRY_SEED_BITS))
 
 
-def guard_record_path(out: str | Path) -> Path:
-    """Where the guard record of an output ``samples.npz`` goes: ``samples.guard.json`` beside it."""
-    out = Path(out)
-    return out.with_name(out.stem + ".guard.json")
-
-
 def guarded_generate(
-    model: Any,
-    model_id: str,
+    gen: Generator,
     labels: np.ndarray,
     seeds: Sequence[int],
-    cfg: SampleConfig,
+    options: dict[str, Any],
     copy_filter: CopyFilter,
-    class_names: Sequence[str] = (),
     generation: int = -1,
     max_retries: int = DEFAULT_MAX_RETRIES,
     keep_exhausted: bool = False,
     show_progress: bool = True,
 ) -> tuple[ImageSet, dict[str, Any]]:
-    """Sample like :func:`diffaudit.sampling.generate`, re-sampling images the copy filter blocks.
+    """Sample like ``gen.sample``, re-sampling images the copy filter blocks.
 
     Args:
-        model, model_id, labels, seeds, cfg, class_names, generation, show_progress: as for ``generate``
-            (``labels`` ``int64`` ``(N,)``, one seed per image).
+        gen, labels, seeds, generation, show_progress: as for :meth:`Generator.sample` (``labels`` ``int64``
+            ``(N,)``, one seed per image); ``options``: its other keyword arguments (sampler, steps, guidance...).
         copy_filter: decides which outputs are copies of training images.
         max_retries: re-samples allowed per image (0: only filter, never re-sample).
         keep_exhausted: keep images still blocked after ``max_retries`` (flagged in the record) instead of
@@ -81,7 +70,7 @@ def guarded_generate(
     seeds = [int(s) for s in seeds]
     if len(labels) != len(seeds):
         raise ConfigError(f"got {len(labels)} labels for {len(seeds)} seeds")
-    result = generate(model, model_id, labels, seeds, cfg, class_names, generation, show_progress)
+    result = gen.sample(labels, seeds, generation=generation, show_progress=show_progress, **options)
     images = result.images.copy()
     used_seeds = np.array(seeds, dtype=np.int64)
     blocked_log: list[dict[str, Any]] = []
@@ -110,7 +99,7 @@ def guarded_generate(
         if pending.size == 0 or attempt == max_retries:
             break
         new_seeds = [retry_seed(seeds[i], attempt + 1) for i in pending.tolist()]
-        current = generate(model, model_id, labels[pending], new_seeds, cfg, class_names, generation, False)
+        current = gen.sample(labels[pending], new_seeds, generation=generation, **options)
         images[pending] = current.images
         used_seeds[pending] = new_seeds
     gave_up = pending.tolist()
@@ -120,7 +109,7 @@ def guarded_generate(
     out = ImageSet(
         images,
         labels,
-        class_names,
+        result.class_names,
         {k: v.copy() for k, v in result.provenance.items()} | {"seed": used_seeds},
     ).subset(keep)
     retried = sorted({b["position"] for b in blocked_log})
@@ -146,10 +135,3 @@ def guarded_generate(
         ],
     }
     return out, record
-
-
-def write_guard_record(out: str | Path, record: dict[str, Any]) -> Path:
-    """Write ``record`` to :func:`guard_record_path` of the samples file ``out`` (atomically)."""
-    path = guard_record_path(out)
-    atomic_write_json(path, record)
-    return path
