@@ -93,8 +93,10 @@ def print_results(result: dict[str, Any]) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate_cmd(
-        samples: Path = typer.Option(..., help="generated images: an .npz ImageSet (from `diffaudit sample`)"),
-        reference: str = typer.Option(..., help="real data: digits | faces | glyphs | folder:PATH | npz:PATH"),
+        samples: Path = typer.Option(..., help="generated images: a `diffaudit sample` run directory, or an .npz"),
+        reference: str = typer.Option(
+            ..., help="real data: digits | faces | glyphs | folder:PATH | captioned:PATH | npz:PATH"
+        ),
         features: str = typer.Option("classifier", help="feature extractor: classifier | random-cnn | pixels"),
         out_path: Path = typer.Option(None, "--out", help="write every number as JSON here"),
         train: str = typer.Option(None, help="the model's training data for memorization (default: reference)"),
@@ -109,8 +111,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compare generated SAMPLES with REFERENCE data: FID, KID, precision/recall, coverage, memorization."""
         from diffaudit.metrics.evaluate import evaluate
+        from diffaudit.sampling import load_samples
 
-        gen = ImageSet.load(samples)
+        gen = load_samples(samples)
         ref = _load_real(reference, gen)
         train_set = _load_real(train, gen) if train else None
         result = evaluate(
