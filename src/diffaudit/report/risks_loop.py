@@ -164,5 +164,5 @@ def collapse_card(runs: list[RunData]) -> Card:
     card.status, card.verdict, card.number, card.comparison = status, verdict, number, comparison
     card.links = [(r.anchor + "-evidence", r.name) for r, _ in found]
     if len(found) > 1:
-        card.notes.append(f"{run.name} shown; {len(found)} loop runs in this report.")
+        card.notes.append(f"Shown: {run.name}, one of {len(found)} loop runs in this report.")
     return card
