@@ -16,8 +16,8 @@ from typing import Any
 
 from diffaudit.errors import ConfigError
 from diffaudit.io import atomic_write_json
-from diffaudit.loop.engine import KEY_ARM, KEY_GENERATION, KEY_REPEAT, SUMMARY_FILE, LoopConfig, replace_config
-from diffaudit.loop.engine import summarize as summarize_rows
+from diffaudit.loop.config import KEY_ARM, KEY_GENERATION, KEY_REPEAT, SUMMARY_FILE, LoopConfig, replace_config
+from diffaudit.loop.summary import summarize as summarize_rows
 
 #: Arm settings allowed to differ between merged runs.
 _FREE_FIELDS = ("seed", "repeats")

@@ -162,3 +162,42 @@ def mix_summary(mixed: ImageSet, holdout_classes: Sequence[int] = ()) -> dict[st
         "train_synthetic_by_generation": {str(int(g)): int((gens == g).sum()) for g in np.unique(gens)},
         "train_synthetic_heldout": int((syn & held).sum()) if len(holdout_classes) else 0,
     }
+
+
+def img2img_split(
+    real: ImageSet,
+    spec: MixSpec,
+    generation: int,
+    seed: int,
+    holdout_classes: Sequence[int] = (),
+    heldout_real: bool = True,
+) -> tuple[ImageSet, ImageSet]:
+    """For image-to-image mixing: ``(kept real images, real images to re-render)`` of a poisoning generation.
+
+    The training set is the generation's real subset (fixed, or drawn anew in ``fresh`` mode) in which exactly
+    ``n_syn`` images of retrained classes are replaced by re-renderings of themselves (``fully-synthetic``: all
+    of them, drawn from the retrained classes only), so the synthetic share is exact. Seeded by
+    ``(seed, generation)``: a pure function of its arguments.
+    """
+    spec.validate()
+    if spec.mode == ACCUMULATE:
+        raise ConfigError("image-to-image mixing replaces real images; it does not apply to mode 'accumulate'")
+    if not heldout_real:
+        if not len(holdout_classes):
+            raise ConfigError("heldout_real=False needs holdout_classes (which classes to leave out)")
+        real = eligible(real, holdout_classes)
+    if spec.mode == FULLY_SYNTHETIC:
+        real = eligible(real, holdout_classes)
+    base = real_subset(real, spec.train_size, seed, generation, fresh=spec.mode == FRESH)
+    n_syn = spec.num_synthetic
+    candidates = np.arange(len(base))
+    if len(holdout_classes):
+        candidates = np.flatnonzero(~np.isin(base.labels, np.asarray(list(holdout_classes), dtype=np.int64)))
+    if n_syn > candidates.size:
+        raise ConfigError(
+            f"generation {generation}: need {n_syn} real images of retrained classes to re-render, "
+            f"the training subset holds {candidates.size}"
+        )
+    chosen = np.sort(_rng(seed, generation, 3).choice(candidates, n_syn, replace=False))
+    kept = np.setdiff1d(np.arange(len(base)), chosen)
+    return base.subset(kept), base.subset(chosen)

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffaudit.errors import ConfigError
-from diffaudit.loop.engine import Experiment, LoopConfig, replace_config
+from diffaudit.loop.config import LoopConfig, replace_config
+from diffaudit.loop.experiment import Experiment
 
 
 @dataclass(frozen=True)

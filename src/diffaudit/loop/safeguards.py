@@ -12,7 +12,7 @@ from typing import Any
 from diffaudit.data.imageset import ImageSet
 from diffaudit.guards.scrub import LoopTagger, make_loop_filter, tag_name
 from diffaudit.guards.tagging import get_tagger
-from diffaudit.loop.engine import LoopHooks
+from diffaudit.loop.config import LoopHooks
 
 
 def tag_and_scrub_hooks(

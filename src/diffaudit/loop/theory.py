@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from diffaudit.data.imageset import ImageSet
-from diffaudit.loop.engine import LoopConfig, run_repeat
+from diffaudit.loop.config import LoopConfig
+from diffaudit.loop.engine import run_repeat
 
 #: Pixel standard deviation of the real data (grey levels / 255); the mean 128 keeps clipping beyond 3 sigma.
 SIGMA = 40 / 255
