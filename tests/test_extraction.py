@@ -1,4 +1,5 @@
-"""Training-data extraction: the filter on planted cliques, matching, calibration, untargeted mode, CLI, resume."""
+"""Training-data extraction: the filter on planted cliques, matching, calibration, untargeted mode, canaries, and
+the CLI end to end on a tiny class-conditional train run (see test_extract_generators.py for other families)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from diffaudit.attacks.calibration import calibrate_edge_threshold, roc_from_dis
 from diffaudit.cli import app
 from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import ConfigError
-from diffaudit.runs import RunDir
 
 SHAPE = (1, 8, 8)
 
@@ -111,49 +111,24 @@ def test_untargeted_adaptive_ratio_flags_a_planted_copy():
     assert [p["generation"] for p in out["pairs"]] == [4]
 
 
-def _fake_generator(train: ImageSet, memorized: dict[int, int], calls: list[int]):
-    """label -> generations: labels in ``memorized`` emit 15 near-copies of that training image among noise."""
-
-    def generate(label, seeds):
-        calls.append(label)
-        seeds = list(seeds)
-        rng = np.random.default_rng(seeds[0])
-        imgs = rng.integers(0, 256, size=(len(seeds), *SHAPE), dtype=np.uint8)
-        if label in memorized:
-            imgs[:15] = _noisy_copies(train.images[memorized[label]], 15, 0.01, rng)
-        return ImageSet(imgs, np.full(len(seeds), label), ("a", "b", "c"), {"seed": seeds, "synthetic": True})
-
-    return generate
-
-
-def test_run_extraction_resumes_and_reports_canaries(tmp_path):
+def test_canary_report_rates_precision_and_recall():
     train = _train_set(30)
     train = ImageSet(train.images, np.arange(30) % 3, ("a", "b", "c"))
     train = ImageSet.concat([train, train.subset([4] * 3)])  # image 4 has 4 copies
     canaries = [{"id": str(train.ids[4]), "index": 4, "label": 1, "copies": 4}]
     canaries.append({"id": str(train.ids[8]), "index": 8, "label": 2, "copies": 1})
-    params = ex.ExtractionParams()
-    calls: list[int] = []
-    gen = _fake_generator(train, {1: 4}, calls)
-    args = dict(labels=[0, 1, 2], label_names=["a", "b", "c"], train=train, params=params, per_label=30)
-    with RunDir(tmp_path / "run", "extract") as run:
-        first = ex.run_extraction(run, gen, canaries=canaries, show_progress=False, **args)
-    summary = first["summary"]
+    rng = np.random.default_rng(8)
+    sets = [_generations(rng.integers(0, 256, size=(30, *SHAPE), dtype=np.uint8), 30 * k) for k in range(3)]
+    sets[1].images[:15] = _noisy_copies(train.images[4], 15, 0.01, rng)  # label 1 memorized canary 4
+    records = [ex.scan_label(g, train, ex.ExtractionParams(), k, "abc"[k]) for k, g in enumerate(sets)]
+    assert [r[ex.FLAGGED] for r in records] == [False, True, False] and records[1][ex.EIDETIC_K] == 4
+    assert records[1][ex.MEMBER_IDS] == [str(sets[1].ids[m]) for m in records[1][ex.MEMBERS]]
+    summary = ex.summarize(records)
     assert summary[ex.NUM_FLAGGED] == 1 and summary[ex.EXTRACTED_TRAIN_IDS] == [str(train.ids[4])]
-    assert first["labels"][1][ex.EIDETIC_K] == 4
-    assert first["canaries"]["by_copies"]["4"]["clique_rate"] == 1.0
-    assert first["canaries"]["by_copies"]["1"]["clique_rate"] == 0.0
-    assert first["canaries"]["precision"] == 1.0 and first["canaries"]["recall"] == 0.5
-    for name in ("results.json", "generations.npz", "extracted_pairs.png", "extraction_vs_duplication.png"):
-        assert (tmp_path / "run" / name).exists(), name
-    assert calls == [0, 1, 2]
-    # Resume after "losing" label 2: only that label is generated again, and the result is identical.
-    rows = [r for r in RunDir(tmp_path / "run", "extract").rows() if r[ex.LABEL] != 2]
-    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with RunDir(tmp_path / "run", "extract", resume=True) as run:
-        second = ex.run_extraction(run, gen, canaries=canaries, show_progress=False, **args)
-    assert calls == [0, 1, 2, 2]
-    assert json.dumps(second, default=str, sort_keys=True) == json.dumps(first, default=str, sort_keys=True)
+    rep = ex.canary_report(records, canaries, train, ImageSet.concat(sets))
+    assert rep["by_copies"]["4"]["clique_rate"] == 1.0 and rep["by_copies"]["1"]["clique_rate"] == 0.0
+    assert rep["precision"] == 1.0 and rep["recall"] == 0.5
+    assert rep["per_canary"][0]["nearest_generation_seed"] in range(30, 45)
 
 
 TINY = ["model.block_out_channels=[8,16]", "model.norm_num_groups=4", "train.batch_size=8", "train.steps=4"]
@@ -176,12 +151,19 @@ def test_cli_end_to_end_and_resume(tiny_train_run, tmp_path):
     res = CliRunner().invoke(app, base)
     assert res.exit_code == 0, res.output
     results = json.loads((out / "results.json").read_text())
-    assert set(results) >= {"params", "labels", "summary", "untargeted", "canaries", "edge_threshold"}
+    assert set(results) == {"params", "labels", "summary", "untargeted", "canaries", "edge_threshold", "model_id"}
     assert results["edge_threshold"]["source"] == "calibrated" and "roc" in results["edge_threshold"]["calibration"]
     assert [r["label"] for r in results["labels"]] == [0, 1]
     assert {ex.CLIQUE_SIZE, ex.NEAREST_TRAIN_ID, ex.EIDETIC_K, ex.EXTRACTED} <= set(results["labels"][0])
     assert set(results["canaries"]["by_copies"]) == {"1", "4"}
-    for name in ("generations.npz", "extracted_pairs.png", "roc.png", "config.json", "manifest.json"):
+    for name in (
+        "generations.npz",
+        "extracted_pairs.png",
+        "roc.png",
+        "config.json",
+        "manifest.json",
+        "extraction_vs_duplication.png",
+    ):
         assert (out / name).exists(), name
     assert len(ImageSet.load(out / "generations.npz")) == 24
     config = json.loads((out / "config.json").read_text())
@@ -193,7 +175,7 @@ def test_cli_end_to_end_and_resume(tiny_train_run, tmp_path):
     assert again["summary"] == results["summary"] and again["labels"] == results["labels"]
     # Refuses to overwrite without --resume.
     res3 = CliRunner().invoke(app, base)
-    assert res3.exit_code != 0
+    assert isinstance(res3.exception, ConfigError) and "pass --resume" in str(res3.exception)
 
 
 def test_clique_budget_overrun_is_recorded_not_fatal():

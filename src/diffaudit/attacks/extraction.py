@@ -9,8 +9,11 @@ smallest summed distance to the others) is matched to the training set in normal
 (itself and its duplicates included).
 
 The filter works on an :class:`ImageSet` of generations, never on a model, so scans shard by label or seed
-range and tests can plant cliques directly. :func:`run_extraction` drives a whole audit into a run directory,
-one label at a time, and resumes a killed run from the labels already finished.
+range and tests can plant cliques directly. :func:`diffaudit.attacks.extraction_run.run_extract` drives a whole
+audit of any generator (class model, diffusers pipeline, analytic model) into a run directory, one condition at
+a time, and resumes a killed run from the conditions already finished. The untargeted filter, the canary report
+and the figures live in :mod:`.untargeted`, :mod:`.canary_report` and :mod:`.extraction_plots` (re-exported
+here).
 
 Memory: per label the distance matrix is ``N x N`` float32 (1 MB at N = 500); matching goes through
 :func:`diffaudit.distances.nearest_neighbors`, blocked against the training set, so neither the number of labels
@@ -19,9 +22,8 @@ nor the training-set size enters the peak (generations of finished labels live o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -29,9 +31,6 @@ from diffaudit import distances
 from diffaudit.attacks.cliques import DEFAULT_MAX_NODES, CliqueBudgetExceeded, find_largest_clique
 from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import ConfigError, DataError
-from diffaudit.io import atomic_path, atomic_write_json
-from diffaudit.progress import progress_bar
-from diffaudit.runs import RunDir
 
 #: Edge threshold (tiled L2) used when not calibrating: the middle of the 0.05-0.15 range of public
 #: re-implementations (the paper does not publish its value).
@@ -51,6 +50,7 @@ FLAGGED = "flagged"  # clique_size >= min_clique
 CLIQUE_EXACT = "clique_exact"  # the clique is proven maximum (false only when the search budget ran out)
 MEMBERS = "members"  # indices into the label's generations
 MEMBER_SEEDS = "member_seeds"
+MEMBER_IDS = "member_ids"  # content ids of the members (any of them can be regenerated from its seed)
 REPRESENTATIVE = "representative"  # index (into the label's generations) of the clique medoid
 REPRESENTATIVE_SEED = "representative_seed"
 NEAREST_TRAIN_INDEX = "nearest_train_index"
@@ -66,6 +66,7 @@ CLIQUE_KEYS = (
     CLIQUE_EXACT,
     MEMBERS,
     MEMBER_SEEDS,
+    MEMBER_IDS,
     REPRESENTATIVE,
     REPRESENTATIVE_SEED,
     NEAREST_TRAIN_INDEX,
@@ -122,7 +123,9 @@ class ExtractionParams:
 
 
 # ---- the filter -----------------------------------------------------------------------------------------------
-def _clique_record(dist: np.ndarray, members: np.ndarray, seeds: np.ndarray, exact: bool, min_clique: int) -> dict:
+def _clique_record(
+    dist: np.ndarray, members: np.ndarray, seeds: np.ndarray, ids: np.ndarray, exact: bool, min_clique: int
+) -> dict:
     sub = dist[np.ix_(members, members)].astype(np.float64)
     k = len(members)
     mean = float(sub[np.triu_indices(k, 1)].mean()) if k >= 2 else None
@@ -135,6 +138,7 @@ def _clique_record(dist: np.ndarray, members: np.ndarray, seeds: np.ndarray, exa
         CLIQUE_EXACT: bool(exact),
         MEMBERS: [int(m) for m in members],
         MEMBER_SEEDS: [int(seeds[m]) for m in members],
+        MEMBER_IDS: [str(ids[m]) for m in members],
         REPRESENTATIVE: rep,
         REPRESENTATIVE_SEED: int(seeds[rep]) if rep is not None else None,
     }
@@ -155,7 +159,9 @@ def find_cliques(generations: ImageSet, params: ExtractionParams) -> list[dict[s
     n = len(generations)
     seeds = generations.provenance["seed"]
     if n == 0:
-        return [_clique_record(np.zeros((0, 0)), np.zeros(0, np.int64), seeds, True, params.min_clique)]
+        return [
+            _clique_record(np.zeros((0, 0)), np.zeros(0, np.int64), seeds, generations.ids, True, params.min_clique)
+        ]
     dist = distances.pairwise_tiled_l2(generations.images, generations.images, grid=params.grid)
     adjacency = dist < params.edge_threshold
     # Symmetrize explicitly: the exact recompute can differ from the mirrored fast value by float32 rounding.
@@ -173,7 +179,7 @@ def find_cliques(generations: ImageSet, params: ExtractionParams) -> list[dict[s
             # as not proven maximum rather than failing the whole audit.
             found, exact = np.sort(exc.best).astype(np.int64), False
         members = alive[found]
-        record = _clique_record(dist, members, seeds, exact, params.min_clique)
+        record = _clique_record(dist, members, seeds, generations.ids, exact, params.min_clique)
         if out and not record[FLAGGED]:
             break
         out.append(record)
@@ -276,300 +282,20 @@ def summarize(records: Sequence[dict[str, object]]) -> dict[str, object]:
     }
 
 
-# ---- untargeted (unconditional) mode --------------------------------------------------------------------------
-def untargeted_extraction(
-    generations: ImageSet,
-    train: ImageSet,
-    delta: float = DEFAULT_DELTA,
-    grid: int = 4,
-    alpha: float = 0.5,
-    n_neighbors: int = 50,
-) -> dict[str, object]:
-    """Carlini's adaptive-ratio filter (Sec. 5) over all generations, summarised per training image.
-
-    Returns ``{"summary": memorization summary, "extracted_train_ids": [...], "within_delta_train_ids": [...],
-    "pairs": [{"generation": i, "seed", "train_index", "train_id", "l2", "ratio"}] sorted by l2}`` where
-    pairs lists generations extracted by the adaptive ratio (R <= 1) *and* within ``delta``.
-    """
-    from diffaudit.metrics import memorization as mem
-
-    rep = mem.memorization_report(generations.images, train.images, delta, grid, alpha, n_neighbors)
-    extracted, within = rep[mem.EXTRACTED], rep[mem.WITHIN_DELTA]
-    nn = rep[mem.NN_INDEX]
-    hits = np.flatnonzero(extracted & within)
-    hits = hits[np.argsort(rep[mem.NN_L2][hits], kind="stable")]
-    seeds = generations.provenance["seed"]
-    return {
-        "summary": rep[mem.SUMMARY],
-        "extracted_train_ids": sorted({str(train.ids[i]) for i in nn[extracted]}),
-        "extracted_and_within_delta_train_ids": sorted({str(train.ids[nn[i]]) for i in hits}),
-        "within_delta_train_ids": sorted({str(train.ids[i]) for i in nn[within]}),
-        "pairs": [
-            {
-                "generation": int(i),
-                "seed": int(seeds[i]),
-                "train_index": int(nn[i]),
-                "train_id": str(train.ids[nn[i]]),
-                "l2": float(rep[mem.NN_L2][i]),
-                "ratio": float(rep[mem.ADAPTIVE_RATIO][i]),
-            }
-            for i in hits
-        ],
-    }
+# ---- re-exports: the rest of the attack, importable from here as before ----------------------------------------
+# Lazily (PEP 562): those modules import this one's keys, so eager imports here would be circular.
+_REEXPORTS = {
+    "canary_report": "diffaudit.attacks.canary_report",
+    "save_duplication_plot": "diffaudit.attacks.extraction_plots",
+    "save_pairs_figure": "diffaudit.attacks.extraction_plots",
+    "save_roc_plot": "diffaudit.attacks.extraction_plots",
+    "untargeted_extraction": "diffaudit.attacks.untargeted",
+}
 
 
-# ---- ground truth by construction (planted canaries) ----------------------------------------------------------
-def canary_report(
-    records: Sequence[dict[str, object]],
-    canaries: Sequence[dict[str, object]],
-    train: ImageSet,
-    generations: ImageSet,
-    delta: float = DEFAULT_DELTA,
-) -> dict[str, object]:
-    """Extraction rate against duplication count (Carlini Fig. 5 at small scale), and clique-flag precision/recall.
+def __getattr__(name: str) -> object:
+    if name in _REEXPORTS:
+        import importlib
 
-    Args:
-        records: label records from :func:`scan_label`.
-        canaries: the canary table ``[{"id", "index", "label", "copies"}]`` (train run manifest).
-        train: the training set the canaries are in.
-        generations: every generation of the scan (for the "any generation within delta" oracle).
-        delta: extraction threshold.
-
-    Returns:
-        ``{"by_copies": {copies: {"num", "clique_extracted", "clique_rate", "any_generation", "any_rate"}},
-        "precision", "recall", "recall_of_reproduced", "per_canary": [...]}``. Precision: fraction of flagged
-        cliques whose match (within delta) is a canary. Recall: fraction of canaries matched by a flagged clique.
-        Recall of reproduced: the same among canaries that at least one generation reproduces within delta.
-    """
-    if not canaries:
-        raise DataError("the canary table is empty")
-    canary_ids = [str(c["id"]) for c in canaries]
-    known = set(train.ids.tolist())
-    missing = [i for i in canary_ids if i not in known]
-    if missing:
-        raise DataError(f"{len(missing)} canary ids (first {missing[0]}) are not in the training set")
-    flagged = [c for r in records for c in r[CLIQUES] if c[FLAGGED]]
-    clique_hits = {str(c[NEAREST_TRAIN_ID]) for c in flagged if c[EXTRACTED]}
-    first = {i: int(np.flatnonzero(train.ids == i)[0]) for i in canary_ids}
-    canary_images = train.images[[first[i] for i in canary_ids]]
-    dist, gidx = distances.nearest_neighbors(canary_images, generations.images, k=1, metric="l2")
-    per: list[dict[str, object]] = []
-    for c, d, g in zip(canaries, dist[:, 0], gidx[:, 0], strict=True):
-        cid = str(c["id"])
-        per.append(
-            {
-                "id": cid,
-                "copies": int(c["copies"]),
-                "label": int(c["label"]),
-                "clique_extracted": cid in clique_hits,
-                "nearest_generation_l2": float(d),
-                "nearest_generation_seed": int(generations.provenance["seed"][g]),
-                "any_generation_within_delta": bool(d <= delta),
-            }
-        )
-    by_copies: dict[str, dict[str, object]] = {}
-    for k in sorted({p["copies"] for p in per}):
-        group = [p for p in per if p["copies"] == k]
-        hits = sum(p["clique_extracted"] for p in group)
-        anyg = sum(p["any_generation_within_delta"] for p in group)
-        by_copies[str(k)] = {
-            "num": len(group),
-            "clique_extracted": hits,
-            "clique_rate": hits / len(group),
-            "any_generation": anyg,
-            "any_rate": anyg / len(group),
-        }
-    matched_canary = [c for c in flagged if c[EXTRACTED] and str(c[NEAREST_TRAIN_ID]) in set(canary_ids)]
-    reproduced = [p for p in per if p["any_generation_within_delta"]]
-    return {
-        "by_copies": by_copies,
-        "num_flagged_cliques": len(flagged),
-        "precision": len(matched_canary) / len(flagged) if flagged else None,
-        "recall": sum(p["clique_extracted"] for p in per) / len(per),
-        "recall_of_reproduced": (
-            sum(p["clique_extracted"] for p in reproduced) / len(reproduced) if reproduced else None
-        ),
-        "per_canary": per,
-    }
-
-
-# ---- figures --------------------------------------------------------------------------------------------------
-def save_pairs_figure(pairs: Sequence[tuple[np.ndarray, np.ndarray, float, str]], path: str | Path) -> Path:
-    """PNG of rows "generation | training image | distance"; ``pairs`` holds uint8 ``(C, H, W)`` images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = max(1, len(pairs))
-    fig, axes = plt.subplots(rows, 2, figsize=(3.2, 1.5 * rows), squeeze=False)
-    for r in range(rows):
-        for a in axes[r]:
-            a.set_xticks([])
-            a.set_yticks([])
-        if not pairs:
-            axes[r][0].set_title("no extracted pairs", fontsize=7)
-            continue
-        gen, tr, d, caption = pairs[r]
-        for a, img in zip(axes[r], (gen, tr), strict=True):
-            a.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=255)
-        axes[r][0].set_title(caption, fontsize=6)
-        axes[r][1].set_title(f"train, l2={d:.3f}", fontsize=6)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return Path(path)
-
-
-def save_duplication_plot(by_copies: dict[str, dict[str, object]], path: str | Path) -> Path:
-    """Extraction rate against duplication count (log x), clique attack and any-generation oracle."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = sorted(by_copies, key=int)
-    x = [int(k) for k in ks]
-    fig, ax = plt.subplots(figsize=(4.5, 3))
-    ax.plot(x, [by_copies[k]["clique_rate"] for k in ks], "o-", label="clique attack (flagged, within delta)")
-    ax.plot(x, [by_copies[k]["any_rate"] for k in ks], "s--", label="any generation within delta")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("copies in the training set")
-    ax.set_ylabel("fraction extracted")
-    ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return Path(path)
-
-
-def save_roc_plot(fpr: np.ndarray, tpr: np.ndarray, chosen: tuple[float, float], path: str | Path) -> Path:
-    """ROC of the edge threshold calibration with the chosen operating point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(3.5, 3))
-    ax.plot(fpr, tpr)
-    ax.plot([chosen[0]], [chosen[1]], "ro")
-    ax.set_xscale("symlog", linthresh=1e-3)
-    ax.set_xlabel("false-edge rate")
-    ax.set_ylabel("true-edge rate")
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return Path(path)
-
-
-# ---- a whole audit into a run directory -----------------------------------------------------------------------
-#: ``generate(label, seeds) -> ImageSet`` of ``len(seeds)`` uint8 generations carrying the seeds in provenance.
-GenerateFn = Callable[[int, Sequence[int]], ImageSet]
-
-
-def label_seeds(position: int, per_label: int, seed: int) -> range:
-    """Seeds of the label at ``position`` in the scan: disjoint ranges, so every generation has its own seed."""
-    start = seed + position * per_label
-    return range(start, start + per_label)
-
-
-def run_extraction(
-    run: RunDir,
-    generate: GenerateFn,
-    labels: Sequence[int],
-    label_names: Sequence[str],
-    train: ImageSet,
-    params: ExtractionParams,
-    per_label: int = DEFAULT_PER_LABEL,
-    seed: int = 0,
-    untargeted: bool = False,
-    alpha: float = 0.5,
-    n_neighbors: int = 50,
-    canaries: Sequence[dict[str, object]] | None = None,
-    extra_results: dict[str, object] | None = None,
-    max_pairs: int = 16,
-    show_progress: bool = True,
-) -> dict[str, object]:
-    """Scan every label into ``run`` (resumable per label) and write results.json, figures and generations.npz.
-
-    Each finished label leaves ``generations/label_<i>.npz`` and one row in metrics.jsonl; on resume those labels
-    are read back, not regenerated (generation is per-seed deterministic, so the result is the same).
-
-    Returns the results dict written to ``results.json``.
-    """
-    if per_label < 1:
-        raise ConfigError(f"per-label generation count must be >= 1, got {per_label}")
-    if len(labels) == 0:
-        raise ConfigError("no labels to scan")
-    gen_dir = run.file("generations")
-    gen_dir.mkdir(exist_ok=True)
-    done = {int(r[LABEL]): r for r in run.rows() if r.get("kind") == "label"}
-    records: list[dict[str, object]] = []
-    sets: list[ImageSet] = []
-    with progress_bar("extract", total=len(labels), enabled=show_progress) as bar:
-        for pos, (lab, name) in enumerate(zip(labels, label_names, strict=True)):
-            path = gen_dir / f"label_{lab}.npz"
-            if lab in done and path.exists():
-                record = {k: v for k, v in done[lab].items() if k != "kind"}
-                gens = ImageSet.load(path)
-            else:
-                gens = generate(lab, label_seeds(pos, per_label, seed))
-                if len(gens) != per_label:
-                    raise DataError(f"generator returned {len(gens)} images for label {lab}, expected {per_label}")
-                gens.save(path)
-                record = scan_label(gens, train, params, lab, name)
-                run.log({"kind": "label", **record})
-            records.append(record)
-            sets.append(gens)
-            bar.update(completed=pos + 1, info=f"flagged {sum(bool(r[FLAGGED]) for r in records)}")
-    everything = ImageSet.concat(sets)
-    everything.save(run.file("generations.npz"))
-    results: dict[str, object] = {"params": params.to_dict(), **(extra_results or {})}
-    results["labels"] = sorted(records, key=lambda r: r[LABEL])
-    results["summary"] = summarize(records)
-
-    # Side-by-side pairs: flagged clique representatives first (by mean distance), then untargeted hits.
-    offsets = np.cumsum([0] + [len(s) for s in sets])
-    pairs: list[tuple[np.ndarray, np.ndarray, float, str]] = []
-    by_label = {int(r[LABEL]): (pos, r) for pos, r in enumerate(records)}
-    for item in results["summary"][RANKING]:
-        pos, r = by_label[item[LABEL]]
-        for c in r[CLIQUES]:
-            if c[FLAGGED] and c[EXTRACTED] and len(pairs) < max_pairs:
-                gen = everything.images[offsets[pos] + c[REPRESENTATIVE]]
-                pairs.append(
-                    (
-                        gen,
-                        train.images[c[NEAREST_TRAIN_INDEX]],
-                        c[NEAREST_TRAIN_DISTANCE],
-                        f"{r[LABEL_NAME]} clique {c[CLIQUE_SIZE]}",
-                    )
-                )
-    if untargeted:
-        unt = untargeted_extraction(everything, train, params.delta, params.grid, alpha, n_neighbors)
-        results["untargeted"] = unt
-        seen: set[str] = set()
-        for p in unt["pairs"]:
-            if len(pairs) >= max_pairs:
-                break
-            if p["train_id"] in seen:
-                continue
-            seen.add(p["train_id"])
-            pairs.append(
-                (
-                    everything.images[p["generation"]],
-                    train.images[p["train_index"]],
-                    p["l2"],
-                    f"seed {p['seed']} R={p['ratio']:.2f}",
-                )
-            )
-    if canaries:
-        results["canaries"] = canary_report(records, canaries, train, everything, params.delta)
-        save_duplication_plot(results["canaries"]["by_copies"], run.file("extraction_vs_duplication.png"))
-    save_pairs_figure(pairs, run.file("extracted_pairs.png"))
-    atomic_write_json(run.file("results.json"), results)
-    return results
+        return getattr(importlib.import_module(_REEXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,6 @@
-"""Audits of a text-to-image pipeline: sampling into an ImageSet, prompt extraction (Carlini et al. Sec. 4),
-loss-threshold membership inference in latent space, and the SD v1 invisible watermark.
+"""Audits of a text-to-image pipeline: sampling into an ImageSet, loss-threshold membership inference in latent
+space, and the SD v1 invisible watermark. (Extraction runs on any generator: ``diffaudit extract``, i.e.
+:func:`diffaudit.attacks.extraction_run.run_extract`.)
 
 Every function is pure over (model, prompts, seeds) so a large audit can be sharded by prompt or seed range.
 """
@@ -7,7 +8,6 @@ Every function is pure over (model, prompts, seeds) so a large audit can be shar
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -94,66 +94,6 @@ def generate_sd(
             "tag": "" if watermark == "none" else watermark,
         },
     )
-
-
-# ---- extraction ---------------------------------------------------------------------------------------------
-
-#: Extra keys this module adds to :mod:`diffaudit.attacks.extraction`'s per-label records.
-KEY_PROMPT_INDEX = "prompt_index"
-KEY_MEMBER_IDS = "member_ids"  # content ids of the largest clique's generations
-KEY_NOISE_GAP = "noise_gap"  # Wen et al.'s score, filled in by the CLI when asked
-
-
-def extract_prompts(
-    generations: ImageSet,
-    edge_threshold: float = 0.1,
-    min_clique: int = 10,
-    grid: int = 4,
-    train: ImageSet | None = None,
-    delta: float = 0.15,
-    show_progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Carlini et al.'s generate-and-filter step over generations grouped by prompt (label = prompt index).
-
-    Delegates to :mod:`diffaudit.attacks.extraction`: per prompt, tiled L2 (``grid x grid`` tiles, full
-    resolution), an edge below ``edge_threshold``, the exact largest clique (flagged at ``>= min_clique``),
-    and with ``train`` the clique medoid's nearest training image (extracted when normalized L2 ``<= delta``).
-    Returns one record per prompt (keys of that module, ``label_name`` = the prompt, plus :data:`KEY_PROMPT_INDEX`
-    and :data:`KEY_MEMBER_IDS`), flagged prompts first by mean distance inside the clique.
-    """
-    from diffaudit.attacks import extraction as ex
-
-    params = ex.ExtractionParams(grid=grid, edge_threshold=edge_threshold, min_clique=min_clique, delta=delta)
-    rows: list[dict[str, Any]] = []
-    prompts = generations.class_names
-    present = sorted(set(generations.labels.tolist()))
-    with progress_bar("extract", total=len(present), enabled=show_progress) as bar:
-        for done, p in enumerate(present, 1):
-            idx = np.flatnonzero(generations.labels == p)
-            sub = generations.subset(idx)
-            name = prompts[p] if 0 <= p < len(prompts) else ""
-            if train is not None:
-                row = ex.scan_label(sub, train, params, label=p, label_name=name)
-            else:
-                cliques = ex.find_cliques(sub, params)
-                for c in cliques:
-                    for key in ex.CLIQUE_KEYS:
-                        c.setdefault(key, None)
-                seeds = sub.provenance["seed"]
-                row = {
-                    ex.LABEL: int(p),
-                    ex.LABEL_NAME: name,
-                    ex.NUM_GENERATED: len(sub),
-                    ex.SEEDS: [int(seeds.min()), int(seeds.max())] if len(seeds) else [],
-                    **{k: cliques[0][k] for k in ex.CLIQUE_KEYS},
-                    ex.CLIQUES: cliques,
-                }
-            row[KEY_PROMPT_INDEX] = int(p)
-            row[KEY_MEMBER_IDS] = sub.ids[np.asarray(row[ex.MEMBERS], dtype=np.int64)].tolist()
-            rows.append(row)
-            bar.update(completed=done)
-    rows.sort(key=lambda r: (not r[ex.FLAGGED], r[ex.MEAN_DISTANCE] or 0.0, r[KEY_PROMPT_INDEX]))
-    return rows
 
 
 # ---- membership inference -----------------------------------------------------------------------------------
