@@ -43,7 +43,6 @@ _COMMAND_MODULES = [
     "guard",
     "tag",
     "scrub",
-    "sd",
     "report",
     "demo",
 ]
