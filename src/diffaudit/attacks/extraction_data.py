@@ -122,7 +122,8 @@ def open_audit(config: ExtractConfig) -> TrainingData:
     if gen.conditions and gen.conditions == indices and len(train.class_names) == len(indices):
         display = tuple(train.class_names)  # checkpoints saved without class names: the data has them
     canaries = info.get("canaries")
-    return TrainingData(gen, train, str(path), canaries if canaries else None, first_seeds, display)  # type: ignore[arg-type]
+    resolved = str(gen.describe().get("path") or path)  # e.g. RUN/model for a train run, as config.json had it
+    return TrainingData(gen, train, resolved, canaries if canaries else None, first_seeds, display)  # type: ignore[arg-type]
 
 
 def train_with_canaries(train_dir: Path, config: ExtractConfig) -> Path:
