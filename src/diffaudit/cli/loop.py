@@ -57,6 +57,16 @@ def register(app: typer.Typer) -> None:
         preset: str = typer.Option("nepotism-digits", help="nepotism-digits | mad-digits | gaussian-digits"),
         quick: bool = typer.Option(False, "--quick", help="a shrunken version that finishes in about a minute"),
         backend: str = typer.Option(None, help="diffusion | gaussian | gmm; default: the preset's"),
+        model: str = typer.Option(
+            None, "--model", help="a diffusers text-to-image pipeline directory (or sd:PATH) to loop (preset ignored)"
+        ),
+        data: str = typer.Option(None, "--data", help="with --model: the captioned fine-tuning data (captioned:DIR)"),
+        prompts: Path = typer.Option(None, "--prompts", help="with --model: extra prompts without data (held out)"),
+        dtype: str = typer.Option("auto", "--dtype", help="with --model: auto | fp32 | fp16 | bf16"),
+        mix_source: str = typer.Option(
+            None, "--mix-source", help="pool (earlier samples) | img2img (re-render the replaced real images)"
+        ),
+        strength: float = typer.Option(None, "--strength", help="img2img strength in (0, 1]"),
         mode: str = typer.Option(None, help="replace | accumulate | fresh | fully-synthetic (one arm)"),
         synthetic_share: float = typer.Option(None, help="synthetic fraction of the training set (one arm)"),
         synthetic_count: int = typer.Option(None, help="exact number of synthetic images (one arm)"),
@@ -78,8 +88,8 @@ def register(app: typer.Typer) -> None:
         tag_fpr: float = typer.Option(0.01, help="false-positive rate on real images for the tag threshold"),
     ) -> None:
         """Retrain a model on its own samples for G generations, heal for H, and measure it all."""
-        from diffaudit.loop.engine import run_experiment
-        from diffaudit.loop.presets import build_experiment
+        from diffaudit.loop.experiment import run_experiment
+        from diffaudit.loop.presets import build_experiment, pipeline_experiment
 
         if synthetic_share is not None and synthetic_count is not None:
             raise ConfigError("give --synthetic-share or --synthetic-count, not both")
@@ -91,28 +101,48 @@ def register(app: typer.Typer) -> None:
             ("holdout_classes", _classes(holdout_classes)),
             ("repeats", repeats),
             ("seed", seed),
+            ("strength", strength),
         ):
             if value is not None:
                 settings[key] = value
         arm: dict[str, Any] = {}
         if mode is not None:
             arm["mode"] = mode
+        if mix_source is not None:
+            arm["mix_source"] = mix_source
         if synthetic_share is not None:
             arm.update(synthetic_share=synthetic_share, synthetic_count=None)
         if synthetic_count is not None:
             arm.update(synthetic_share=None, synthetic_count=synthetic_count)
-        exp = build_experiment(preset, quick=quick, settings=settings, arm_override=arm or None, overrides=overrides)
+        real, data_info = None, None
+        if model is not None:
+            if data is None:
+                raise ConfigError("--model needs --data captioned:DIR (the images the pipeline is fine-tuned on)")
+            if overrides:
+                raise ConfigError(f"--set {overrides[0]!r}: model/data overrides do not apply to a pipeline loop")
+            exp, (real, data_info) = pipeline_experiment(
+                model, data, settings, arm or None, prompts=str(prompts or ""), dtype=dtype
+            )
+        else:
+            if data is not None or prompts is not None:
+                raise ConfigError(
+                    "--data and --prompts go with --model PIPELINE_DIR (class models: --set data.source=...)"
+                )
+            exp = build_experiment(
+                preset, quick=quick, settings=settings, arm_override=arm or None, overrides=overrides
+            )
         if dry_run:
             print_json(exp.to_dict())
             return
         tag_fn = None
         if tag_and_scrub:
-            from diffaudit.loop.engine import load_real
+            from diffaudit.loop.plan import load_real
             from diffaudit.loop.safeguards import tag_and_scrub_hooks
 
-            real, _ = load_real(exp.first)
+            if real is None:
+                real, data_info = load_real(exp.first)
             exp.hooks, tag_fn, tag_info = tag_and_scrub_hooks(real, tag_key, tag_amplitude, tag_fpr)
-        summary = run_experiment(exp, out, resume=resume)
+        summary = run_experiment(exp, out, resume=resume, real=real, data_info=data_info)
         if tag_fn is not None:
             tag_info["inherited_tag_rate_by_generation"] = tag_fn.inherited
             atomic_write_json(out / "safeguard.json", tag_info)

@@ -106,6 +106,7 @@ def run_experiment(
     real: ImageSet | None = None,
     show_progress: bool = True,
     plots: bool = True,
+    data_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every arm and repeat into the run directory ``out``; returns the summary (also ``summary.json``).
 
@@ -116,7 +117,7 @@ def run_experiment(
     from diffaudit.runs import RunDir
 
     first = exp.first
-    data_info: dict[str, Any] = {"source": "given"}
+    data_info = data_info or {"source": "given"}
     if real is None:
         real, data_info = load_real(first)
     num_samples = first.num_samples

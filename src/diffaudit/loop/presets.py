@@ -135,3 +135,53 @@ def build_experiment(
             fields["synthetic_count"] = max(1, round(count * base.train_size / preset.base.train_size))
         arms[arm_name] = replace_config(replace_config(base, **fields), **(settings or {}))
     return Experiment(arms, name=name + ("-quick" if quick else ""))
+
+
+#: Defaults of a loop over a user's text-to-image pipeline (``diffaudit loop --model PIPELINE_DIR``), sized for
+#: a small captioned folder: Bohacek & Farid's protocol (image-to-image re-renderings of the replaced real
+#: images, U-Net fine-tuning, healing on real data). ``random-cnn`` features: a seeded random conv trunk that
+#: works on RGB images of any size >= 4 pixels without downloads (docs/loop.md).
+PIPELINE_DEFAULTS: dict[str, Any] = {
+    "backend": "pipeline",
+    "mix_source": "img2img",
+    "strength": 0.5,
+    "synthetic_share": 0.25,
+    "poison_generations": 2,
+    "heal_generations": 1,
+    "steps_per_generation": 20,
+    "sample_steps": 25,
+    "guidance_scale": 7.5,
+    "features": "random-cnn",
+    "drift_samples": 2,
+}
+
+
+def pipeline_experiment(
+    model: str,
+    data: str,
+    settings: dict[str, Any] | None = None,
+    arm_override: dict[str, Any] | None = None,
+    prompts: str = "",
+    dtype: str = "auto",
+):
+    """A one-arm experiment over the pipeline ``model`` fine-tuned on ``data``; returns ``(experiment, real)``.
+
+    ``train_size`` defaults to every real image and ``num_samples`` to 4 per condition (at least 12); the real
+    set is loaded here (errors name the folder before any run directory exists) and reused by the run.
+    """
+    from diffaudit.loop.plan import load_real
+
+    fields = {
+        **PIPELINE_DEFAULTS,
+        "model": str(model),
+        "data": str(data),
+        "prompts": str(prompts or ""),
+        "dtype": dtype,
+    }
+    fields |= dict(settings or {}) | dict(arm_override or {})
+    base = LoopConfig(**{k: v for k, v in fields.items() if k not in ("train_size", "num_samples")})
+    real, info = load_real(base)
+    fields.setdefault("train_size", len(real))
+    fields.setdefault("num_samples", max(12, 4 * real.num_classes))
+    cfg = replace_config(LoopConfig(), **fields)
+    return Experiment({"custom": cfg}, name="pipeline"), (real, info)
