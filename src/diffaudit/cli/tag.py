@@ -1,4 +1,5 @@
-"""``diffaudit tag`` and ``diffaudit detect``: embed an invisible tag in images, and look for one."""
+"""``diffaudit tag`` and ``diffaudit detect``: embed an invisible tag in images, and look for one; or detect
+generated images without a tag (``--method loss | spectral | cnn``, :mod:`diffaudit.detectors.synthetic`)."""
 
 from __future__ import annotations
 
@@ -8,25 +9,57 @@ from typing import Any
 import typer
 
 from diffaudit.cli.common import err, print_json
-from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import ConfigError
-from diffaudit.guards.scrub import tag_name
-from diffaudit.guards.tagging import (
-    KNOWN_TAG_FALSE_ALARM,
-    DwtDctTagger,
-    SpreadSpectrumTagger,
-    Tagger,
-    detect_known_tags,
-    get_tagger,
-    min_bit_accuracy,
-)
-from diffaudit.io import atomic_write_json
 
 TAGGER_HELP = "spread-spectrum | dwtdct"
+METHOD_HELP = "tagless detection: loss (the suspect --model's own denoising loss) | spectral | cnn"
+MODEL_HELP = "suspect generator for --method loss: model/run dir, analytic dir or diffusers pipeline dir"
 
 
-def make_tagger(name: str, key: int | None, amplitude: float | None, preset: str) -> Tagger:
+def detector_from_options(
+    method: str | None,
+    detector: Path | None,
+    model: str | None,
+    prompts: Path | None,
+    dtype: str,
+    train_real: Path | None,
+    train_generated: Path | None,
+    calibrate_on: Path | None,
+    target_fpr: float,
+    seed: int,
+    cnn_steps: int,
+) -> Any:
+    """A calibrated synthetic-image detector: loaded from ``--detector DIR``, or trained and calibrated."""
+    from diffaudit.data.imageset import ImageSet
+    from diffaudit.detectors.synthetic import METHODS, fit_detector, load_detector
+
+    if method is not None and method not in METHODS:
+        raise ConfigError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if detector is None:
+        # Option errors first, before a model or data set is loaded.
+        if method == "loss" and model is None:
+            raise ConfigError("--method loss needs the suspect generator: pass --model RUN_OR_DIR")
+        if calibrate_on is None:
+            raise ConfigError(f"--method {method} needs --calibrate-on REAL.npz (held-out real images)")
+        if method != "loss" and (train_real is None or train_generated is None):
+            raise ConfigError(f"--method {method} is trained: give --train-real REAL.npz and --train-generated GEN.npz")
+    gen = None
+    if model is not None:
+        from diffaudit.generators.select import open_generator
+
+        gen, _ = open_generator(model, prompts, None, None, dtype)
+    if detector is not None:
+        return load_detector(detector, gen)
+    params: dict[str, Any] = {"steps": cnn_steps} if method == "cnn" else {}
+    real = None if train_real is None else ImageSet.load(train_real)
+    generated = None if train_generated is None else ImageSet.load(train_generated)
+    return fit_detector(method, ImageSet.load(calibrate_on), real, generated, target_fpr, seed, gen, **params)
+
+
+def make_tagger(name: str, key: int | None, amplitude: float | None, preset: str) -> Any:
     """A tagger from CLI options: spread-spectrum needs ``--key``; dwtdct takes ``--preset``."""
+    from diffaudit.guards.tagging import DwtDctTagger, SpreadSpectrumTagger, get_tagger
+
     if name == SpreadSpectrumTagger.name:
         if key is None:
             raise ConfigError("the spread-spectrum tagger needs --key (the secret that reproduces its pattern)")
@@ -50,6 +83,9 @@ def register(app: typer.Typer) -> None:
         preset: str = typer.Option("sd-v1", help="dwtdct message: sd-v1 | sdxl"),
     ) -> None:
         """Embed a tag in every image and record it in the provenance column ``tag``."""
+        from diffaudit.data.imageset import ImageSet
+        from diffaudit.guards.scrub import tag_name
+
         t = make_tagger(tagger, key, amplitude, preset)
         data = ImageSet.load(images)
         tagged_images = t.embed(data.images)
@@ -64,15 +100,50 @@ def register(app: typer.Typer) -> None:
         folder: Path = typer.Option(None, help="folder of PNG/JPEG images (with --known-tags)"),
         known_tags: bool = typer.Option(False, "--known-tags", help="look for Stable Diffusion v1 / SDXL tags"),
         tagger: str = typer.Option("spread-spectrum", help=TAGGER_HELP),
+        method: str = typer.Option(None, help=METHOD_HELP),
+        detector: Path = typer.Option(None, help="a saved detector directory (from --save-detector)"),
+        save_detector: Path = typer.Option(None, help="write the trained, calibrated detector to this directory"),
+        model: str = typer.Option(None, help=MODEL_HELP),
+        prompts: Path = typer.Option(None, help="prompts file, when --model is a text-to-image pipeline"),
+        dtype: str = typer.Option("auto", help="pipeline dtype: auto | fp32 | fp16 | bf16"),
+        train_real: Path = typer.Option(None, help="real training images for spectral/cnn (.npz)"),
+        train_generated: Path = typer.Option(None, help="generated training images for spectral/cnn (.npz)"),
+        cnn_steps: int = typer.Option(300, help="training steps of the cnn detector"),
+        seed: int = typer.Option(0, help="detector training seed"),
         key: int = typer.Option(None, help="spread-spectrum secret key"),
         amplitude: float = typer.Option(None, help="spread-spectrum strength (does not change detection)"),
         preset: str = typer.Option("sd-v1", help="dwtdct message: sd-v1 | sdxl"),
-        calibrate_on: Path = typer.Option(None, help="untagged images (.npz) that set the threshold"),
-        target_fpr: float = typer.Option(0.01, help="false-positive rate for --calibrate-on"),
+        calibrate_on: Path = typer.Option(None, help="untagged / real held-out images (.npz) that set the threshold"),
+        target_fpr: float = typer.Option(0.01, help="false-positive (false-removal) rate for --calibrate-on"),
         threshold: float = typer.Option(None, help="detection threshold (score > threshold is tagged)"),
         out: Path = typer.Option(None, help="write per-image results as JSON"),
     ) -> None:
-        """Score images for a tag, with a calibrated threshold; or scan a folder for public models' tags."""
+        """Score images for a tag, or for being generated without one (--method), with a threshold calibrated on
+        real images; or scan a folder for public models' tags."""
+        from diffaudit.data.imageset import ImageSet
+        from diffaudit.guards.tagging import KNOWN_TAG_FALSE_ALARM, DwtDctTagger, detect_known_tags, min_bit_accuracy
+        from diffaudit.io import atomic_write_json
+
+        if method is not None or detector is not None:
+            if images is None or folder is not None or known_tags:
+                raise ConfigError("--method / --detector score --images FILE.npz")
+            if threshold is not None:
+                raise ConfigError("a tagless detector's threshold comes from --calibrate-on real images")
+            from diffaudit.detectors.synthetic import detect_report
+            from diffaudit.detectors.synthetic import save_detector as save_det
+
+            det = detector_from_options(
+                method, detector, model, prompts, dtype, train_real, train_generated, calibrate_on, target_fpr, seed,
+                cnn_steps,
+            )  # fmt: skip
+            if save_detector is not None:
+                save_det(det, save_detector, model)
+            report = detect_report(det, ImageSet.load(images))
+            report["images"] = str(images)
+            if out is not None:
+                atomic_write_json(out, report)
+            print_json({k: v for k, v in report.items() if k != "per_image"})
+            return
         if known_tags:
             if folder is None or images is not None:
                 raise ConfigError("--known-tags scans a --folder of image files (not --images)")

@@ -1,10 +1,12 @@
-"""Scrubbing a training set: remove tagged images and near-copies of known generated sets.
+"""Scrubbing a training set: remove tagged images, images a tagless detector calls generated, and near-copies of
+known generated sets.
 
 This is the prevention RESEARCH.md section 3 mentions for self-consuming loops: before a model is retrained,
-drop the images that a tag detector or a near-copy match says are synthetic. :func:`scrub` does it for one set
-and returns what it removed and why; :func:`make_loop_filter` wraps it as the per-generation hook of the loop
-engine, and its report also counts (from provenance, which the filter itself never reads) how many synthetic
-images slipped through and how many real ones were removed by mistake.
+drop the images that a tag detector, a calibrated synthetic-image detector
+(:class:`diffaudit.detectors.synthetic.CalibratedDetector`, no tag needed) or a near-copy match says are
+synthetic. :func:`scrub` does it for one set and returns what it removed and why; :func:`make_loop_filter` wraps
+it as the per-generation hook of the loop engine, and its report also counts (from provenance, which the filter
+itself never reads) how many synthetic images slipped through and how many real ones were removed by mistake.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from diffaudit.guards.tagging import Tagger
 
 RULE_TAGGED = "tagged"
 RULE_NEAR_COPY = "near-copy"
+RULE_DETECTED = "detected"
+RULES = (RULE_TAGGED, RULE_DETECTED, RULE_NEAR_COPY)
 
 LoopFilter = Callable[[ImageSet, int], tuple[ImageSet, dict[str, Any]]]
 
@@ -40,6 +44,7 @@ def scrub(
     delta: float = CARLINI_DELTA,
     metric: str = "l2",
     grid: int = 4,
+    detector: Any = None,
 ) -> tuple[ImageSet, list[dict[str, Any]]]:
     """Remove from ``data`` the images a tag detector flags and the near-copies of ``generated`` images.
 
@@ -50,11 +55,13 @@ def scrub(
         generated: known generated sets; an image within ``delta`` (``metric``: normalized ``l2`` or ``tiled``)
             of any of their images is removed.
         delta: near-copy threshold (default Carlini et al.'s 0.15).
+        detector: a :class:`~diffaudit.detectors.synthetic.CalibratedDetector`; images it flags
+            (``score > threshold``, calibrated on real images) are removed, tag or no tag.
 
     Returns:
         ``(kept, removed)``: the kept images (order preserved) and one row per removed image:
-        ``{"id", "index", "rules": [...], "tag_score", "tag_threshold", "near_copy_distance",
-        "near_copy_id", "delta"}`` (score/distance keys are None for rules not applied).
+        ``{"id", "index", "rules": [...], "tag_score", "tag_threshold", "detector_score", "detector_threshold",
+        "near_copy_distance", "near_copy_id", "delta"}`` (score/distance keys are None for rules not applied).
     """
     if tagger is not None and threshold is None:
         raise ConfigError("a tag rule needs a detection threshold calibrated on untagged images")
@@ -68,6 +75,11 @@ def scrub(
     if tagger is not None and n:
         scores = tagger.score(data.images)
         tag_hit = scores > float(threshold)  # type: ignore[arg-type]
+    det_hit = np.zeros(n, dtype=bool)
+    det_scores = None
+    if detector is not None and n:
+        det_scores = detector.scores(data)
+        det_hit = det_scores > detector.threshold
     copy_hit = np.zeros(n, dtype=bool)
     near_d = near_id = None
     gens = [g for g in generated if len(g)]
@@ -79,10 +91,11 @@ def scrub(
         dist, idx = nearest_neighbors(data.images, pool.images, k=1, metric=metric, grid=grid)
         near_d, near_id = dist[:, 0].astype(np.float64), pool.ids[idx[:, 0]]
         copy_hit = near_d <= delta
-    removed_mask = tag_hit | copy_hit
+    removed_mask = tag_hit | det_hit | copy_hit
     removed = []
     for i in np.flatnonzero(removed_mask).tolist():
-        rules = [r for r, hit in ((RULE_TAGGED, tag_hit[i]), (RULE_NEAR_COPY, copy_hit[i])) if hit]
+        hits = ((RULE_TAGGED, tag_hit[i]), (RULE_DETECTED, det_hit[i]), (RULE_NEAR_COPY, copy_hit[i]))
+        rules = [r for r, hit in hits if hit]
         removed.append(
             {
                 "id": str(data.ids[i]),
@@ -90,6 +103,8 @@ def scrub(
                 "rules": rules,
                 "tag_score": None if scores is None else float(scores[i]),
                 "tag_threshold": None if tagger is None else float(threshold),  # type: ignore[arg-type]
+                "detector_score": None if det_scores is None else float(det_scores[i]),
+                "detector_threshold": None if detector is None else float(detector.threshold),
                 "near_copy_distance": None if near_d is None else float(near_d[i]),
                 "near_copy_id": None if near_id is None else str(near_id[i]),
                 "delta": float(delta) if gens else None,
@@ -108,7 +123,7 @@ def scrub_summary(data: ImageSet, removed: list[dict[str, Any]]) -> dict[str, An
         "num_in": len(data),
         "num_kept": int((~removed_mask).sum()),
         "num_removed": int(removed_mask.sum()),
-        "removed_by_rule": {rule: sum(rule in r["rules"] for r in removed) for rule in (RULE_TAGGED, RULE_NEAR_COPY)},
+        "removed_by_rule": {rule: sum(rule in r["rules"] for r in removed) for rule in RULES},
         "synthetic_in": int(synthetic.sum()),
         "synthetic_removed": int((synthetic & removed_mask).sum()),
         "synthetic_slipped": int((synthetic & ~removed_mask).sum()),
@@ -123,11 +138,13 @@ def make_loop_filter(
     delta: float = CARLINI_DELTA,
     metric: str = "l2",
     remember_removed: bool = False,
+    detector: Any = None,
 ) -> LoopFilter:
     """The loop engine's per-generation hook ``filter_fn(mixed, generation) -> (kept, report)``.
 
     Args:
-        tagger, threshold, generated, delta, metric: as for :func:`scrub`.
+        tagger, threshold, generated, delta, metric, detector: as for :func:`scrub` (``tagger=None`` with a
+            ``detector``: scrubbing without tags).
         remember_removed: add each generation's removed images to the known generated sets, so that later
             generations also drop their near-copies (off by default: it makes the filter stateful).
 
@@ -136,7 +153,7 @@ def make_loop_filter(
     known: list[ImageSet] = list(generated)
 
     def filter_fn(mixed: ImageSet, generation: int) -> tuple[ImageSet, dict[str, Any]]:
-        kept, removed = scrub(mixed, tagger, threshold, known, delta, metric)
+        kept, removed = scrub(mixed, tagger, threshold, known, delta, metric, detector=detector)
         if remember_removed and removed:
             known.append(mixed.subset(np.array([r["index"] for r in removed])))
         report = {"generation": int(generation), **scrub_summary(mixed, removed), "removed": removed}
