@@ -45,6 +45,7 @@ _COMMAND_MODULES = [
     "scrub",
     "report",
     "demo",
+    "merge",
 ]
 
 
