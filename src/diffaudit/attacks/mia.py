@@ -1,10 +1,11 @@
 """Membership inference against diffusion models (Carlini et al. 2023, Sec. 5.2): losses, threshold, LiRA.
 
 The signal is the diffusion loss of a candidate image at a fixed timestep ``t``: the mean squared error of
-the model's noise prediction. A training member tends to have a lower loss. Its noise is seeded per image
-(from its content id, the draw number and a seed), so every model sees the exact same query and scores are
-reproducible ("fixed noise"). "Strong" variants average over several noise draws and, where the data allows,
-a horizontally flipped copy.
+the model's noise prediction, computed by any :class:`~diffaudit.generators.base.Generator` (our class U-Net
+in pixels, a text-to-image pipeline in VAE latents, an analytic model in closed form). A training member tends
+to have a lower loss. Its noise is seeded per image (from its content id, the draw number and a seed), so every
+model sees the exact same query and scores are reproducible ("fixed noise"). "Strong" variants average over
+several noise draws and, where the data allows, a horizontally flipped copy.
 
 Attacks (higher score = more likely a member):
 
@@ -23,12 +24,11 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from scipy.stats import norm
 
 from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import ConfigError, DataError
-from diffaudit.models.diffusion import DiffusionModel
+from diffaudit.generators.base import Generator
 from diffaudit.progress import progress_bar
 
 LOSS = "loss"
@@ -48,15 +48,30 @@ def noise_seed(image_id: str, draw: int, seed: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def query_noise(ids: Sequence[str], shape: Sequence[int], draw: int, seed: int) -> torch.Tensor:
-    """Standard normal noise ``float32 (len(ids), *shape)``; row ``i`` depends only on ``(ids[i], draw, seed)``."""
-    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(noise_seed(i, draw, seed))) for i in ids]
-    return torch.stack(rows)
+def noise_seeds(ids: Sequence[str], draw: int, seed: int) -> list[int]:
+    """The query-noise seeds of ``ids`` for one draw (:func:`noise_seed` per id)."""
+    return [noise_seed(str(i), draw, seed) for i in ids]
 
 
-@torch.inference_mode()
+def align_conditions(generator: Generator, data: ImageSet) -> Generator:
+    """``generator`` sampling the conditions ``data.labels`` index (its ``class_names``: classes or captions).
+
+    A pipeline takes the captions as its prompts; a class or analytic model keeps its classes, which must be
+    the same names, or (for data saved without names matching) at least cover the labels as indices.
+    """
+    names = tuple(data.class_names)
+    if not names or names == tuple(generator.conditions):
+        return generator
+    try:
+        return generator.with_conditions(names)
+    except ConfigError:
+        if data.labels.size and int(data.labels.max()) < len(generator.conditions):
+            return generator  # labels are class indices of the same classes under other names
+        raise
+
+
 def sample_losses(
-    model: DiffusionModel,
+    generator: Generator,
     data: ImageSet,
     timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
     noise_draws: int = 1,
@@ -65,39 +80,34 @@ def sample_losses(
     batch_size: int = 512,
     show_progress: bool = False,
 ) -> np.ndarray:
-    """Per-sample diffusion losses ``float32 (N, T, V)`` of ``data`` under ``model``.
+    """Per-sample denoising losses ``float32 (N, T, V)`` of ``data`` under any generator.
 
-    ``T = len(timesteps)``; ``V = noise_draws * (2 if flip else 1)`` query variants (draw ``d`` of the flipped
-    copy reuses draw ``d``'s noise, flipped, so the two variants differ only in the image). Labels are passed
-    to conditional models (a member was trained with its label). Deterministic for fixed inputs.
+    ``T = len(timesteps)``; ``V = noise_draws * (2 if flip else 1)`` query variants, ordered draw-major (draw
+    ``d`` of the flipped copy reuses draw ``d``'s noise, flipped, so the two variants differ only in the image).
+    The noise of image ``i`` in draw ``d`` is seeded by :func:`noise_seed` ``(ids[i], d, seed)``, so every model
+    sees the same query and a loss depends on neither order nor batch. Labels (classes, or caption indices for a
+    pipeline) condition the model, as a member was trained with its label; unlabelled images use the null
+    condition. All losses go through :meth:`Generator.denoising_losses`.
     """
-    cfg = model.config
-    if data.shape != (cfg.channels, cfg.resolution, cfg.resolution):
-        raise DataError(f"candidate images are {data.shape} but the model expects {cfg.resolution}px/{cfg.channels}ch")
-    bad = [t for t in timesteps if not 0 <= int(t) < cfg.num_train_timesteps]
+    if data.shape != tuple(generator.image_shape):
+        raise DataError(f"candidate images are {data.shape} but the model makes {tuple(generator.image_shape)}")
+    bad = [int(t) for t in timesteps if not 0 <= int(t) < generator.num_train_timesteps]
     if bad:
-        raise ConfigError(f"timesteps {bad} outside [0, {cfg.num_train_timesteps})")
+        raise ConfigError(f"timesteps {bad} outside [0, {generator.num_train_timesteps})")
     if noise_draws < 1:
         raise ConfigError(f"noise_draws must be >= 1, got {noise_draws}")
-    model.eval()
-    x0 = data.to_model_tensor()
-    labels = torch.from_numpy(data.labels) if cfg.conditional else None
-    n, variants = len(data), noise_draws * (2 if flip else 1)
-    out = np.empty((n, len(timesteps), variants), dtype=np.float32)
-    total = noise_draws * len(timesteps) * (2 if flip else 1)
-    with progress_bar("mia losses", total=total, enabled=show_progress) as bar:
+    generator = align_conditions(generator, data)
+    labels = data.labels if data.class_names else np.full(len(data), -1, dtype=np.int64)
+    flips = (False, True) if flip else (False,)
+    out = np.empty((len(data), len(timesteps), noise_draws * len(flips)), dtype=np.float32)
+    with progress_bar("mia losses", total=noise_draws * len(flips), enabled=show_progress) as bar:
         for d in range(noise_draws):
-            noise = query_noise(data.ids.tolist(), data.shape, d, seed)
-            images = [(x0, noise)] + ([(x0.flip(-1), noise.flip(-1))] if flip else [])
-            for f, (x, z) in enumerate(images):
-                for j, t in enumerate(timesteps):
-                    for start in range(0, n, batch_size):
-                        sl = slice(start, start + batch_size)
-                        tt = torch.full((x[sl].shape[0],), int(t), dtype=torch.long)
-                        lab = None if labels is None else labels[sl]
-                        loss = model.per_sample_loss(x[sl], lab, tt, z[sl])
-                        out[sl, j, d * (2 if flip else 1) + f] = loss.cpu().numpy()
-                    bar.update(advance=1)
+            seeds = noise_seeds(data.ids.tolist(), d, seed)
+            for f, flipped in enumerate(flips):
+                out[:, :, d * len(flips) + f] = generator.denoising_losses(
+                    data.images, labels, timesteps, seeds, flip=flipped, batch_size=batch_size
+                )
+                bar.update(advance=1)
     return out
 
 

@@ -1,43 +1,45 @@
-"""Target and shadow models for membership inference, and the end-to-end attack run.
+"""Target and shadow models for membership inference: the candidate pool, memberships, and one shard per model.
 
 Carlini et al. (2023, Sec. 5) train every model on a random half of a candidate pool, so each model is a
 shadow for the others. Here model 0 is the target (unless the user brings one) and models 1..K are shadows.
-Each model trains in its own run sub-directory ``RUN/models/<name>``; a finished model is never retrained
-and its losses are cached next to it (``mia-losses.npz``, keyed by everything that determines them).
+Models are fitted by a :class:`~diffaudit.generators.base.Trainer` of the audited family: diffaudit's class U-Net
+from scratch, an analytic Gaussian/GMM in closed form, or a LoRA fine-tune of a user's text-to-image pipeline.
 
-The timestep is chosen on a held-out *selection* split of the candidates (AUC on that split, per attack);
-the reported numbers use only the remaining *evaluation* split.
+One model is one unit of work, a *shard*: :func:`run_shard` is a pure function of ``(config, setup, index)`` that
+fits the model on its half and writes its per-sample losses ``float32 (N, T, V)`` to
+``models/<name>/mia-losses.npz`` (keyed by everything that determines them, so a finished shard is never redone).
+:func:`merge_shards` stacks them by index into the samples x models layout of ml_privacy_meter.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from diffaudit.attacks import mia, roc
-from diffaudit.config import Preset
+from diffaudit.attacks import mia
 from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import ConfigError, DataError
-from diffaudit.io import atomic_path, atomic_write_json
-from diffaudit.models.checkpoint import load_model
-from diffaudit.runs import RunDir, read_manifest
+from diffaudit.generators.base import Generator, Trainer
+from diffaudit.io import atomic_path
 
 LOSSES_FILE = "mia-losses.npz"
-RESULTS_FILE = "results.json"
-SCORES_FILE = "scores.json"
-MATRIX_FILE = "membership.npz"
-ROC_FILE = "roc.png"
+MODEL_SUBDIR = "model"
+TARGET_NAME = "target"
 
 
 @dataclass(frozen=True)
 class MiaConfig:
-    """Settings of one membership-inference run (all recorded in the run's config.json)."""
+    """Settings of one membership-inference run (all recorded in the run's config.json).
+
+    ``steps``: optimizer steps per trained model (None: the trainer's default, see
+    :func:`diffaudit.attacks.mia_setup.build_setup`). ``keep_models``: save every shadow's weights next to its
+    losses (the target is always kept, for the Wen detector); a shard's output is its losses either way.
+    """
 
     num_shadows: int = 8
     timesteps: tuple[int, ...] = mia.DEFAULT_TIMESTEPS
@@ -48,6 +50,8 @@ class MiaConfig:
     fix_variance: bool = True
     seed: int = 0
     batch_size: int = 512
+    steps: int | None = None
+    keep_models: bool = True
 
     def validate(self) -> None:
         if self.num_shadows < 0 or self.num_shadows == 1:
@@ -58,6 +62,33 @@ class MiaConfig:
             raise ConfigError(f"noise_draws must be >= 1, got {self.noise_draws}")
         if not 0.0 < self.selection_fraction < 1.0:
             raise ConfigError(f"selection_fraction must be in (0, 1), got {self.selection_fraction}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class MiaSetup:
+    """What is attacked: the candidate pool, the trainer of shadows, and the target.
+
+    ``pool``: deduplicated candidates, labels indexing ``pool.class_names`` (classes, or captions).
+    ``trainer`` fits every trained model for ``steps`` steps, starting from ``init`` (None: from scratch).
+    ``target``: the user's model, with ``target_members`` ``bool (N,)``; None: model 0 is trained here on a
+    random half. Training seeds are ``train_seed + 1000 * config.seed + index`` (target index 0, shadow k: k+1).
+    ``wen_conditions``: the conditions Wen's detector scores on the target (None: all of its conditions).
+    """
+
+    pool: ImageSet
+    trainer: Trainer
+    steps: int
+    init: Generator | None = None
+    target: Generator | None = None
+    target_members: np.ndarray | None = None
+    train_seed: int = 0
+    pool_info: dict[str, Any] = field(default_factory=dict)
+    wen_conditions: tuple[str, ...] | None = None
+    describe: dict[str, Any] = field(default_factory=dict)
 
 
 # ---- pool and membership --------------------------------------------------------------------------------------
@@ -89,200 +120,115 @@ def selection_mask(num_samples: int, fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
+def membership(config: MiaConfig, setup: MiaSetup) -> tuple[np.ndarray, np.ndarray]:
+    """Target membership ``bool (N,)`` and the trained models' matrix ``bool (M, N)`` (index = shard index).
+
+    Without a user target, row 0 is the target's half and rows 1..K the shadows'; with one, rows 0..K-1 are the
+    shadows' (shard index 0 is then unused: shadows keep indices 1..K and their seeds).
+    """
+    n = len(setup.pool)
+    if setup.target is None:
+        matrix = random_halves(n, config.num_shadows + 1, config.seed)
+        return matrix[0], matrix
+    if setup.target_members is None or setup.target_members.shape != (n,):
+        raise ConfigError("a user-supplied target needs a membership flag per pool image")
+    shadows = random_halves(n, config.num_shadows, config.seed)
+    return setup.target_members.astype(bool), np.concatenate([np.zeros((1, n), bool), shadows])
+
+
+def shard_name(index: int) -> str:
+    """``target`` for index 0, ``shadow-XX`` for index ``XX + 1``."""
+    return TARGET_NAME if index == 0 else f"shadow-{index - 1:02d}"
+
+
 def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# ---- models ---------------------------------------------------------------------------------------------------
-def train_member_model(
-    preset: Preset, pool: ImageSet, members: np.ndarray, path: Path, train_seed: int, show_progress: bool = True
+def _query_key(config: MiaConfig, pool: ImageSet) -> list[object]:
+    return [pool.ids.tolist(), [int(t) for t in config.timesteps], config.noise_draws, config.flip, config.seed]
+
+
+def shard_key(config: MiaConfig, setup: MiaSetup, index: int) -> str:
+    """Everything that determines shard ``index``'s losses (trainer, start model, members, steps, seed, query)."""
+    _, matrix = membership(config, setup)
+    members = sorted(setup.pool.ids[matrix[index]].tolist())
+    init_id = None if setup.init is None else setup.init.model_id
+    seed = shard_seed(config, setup, index)
+    return _digest(setup.trainer.describe(), init_id, members, setup.steps, seed, _query_key(config, setup.pool))
+
+
+def shard_seed(config: MiaConfig, setup: MiaSetup, index: int) -> int:
+    return setup.train_seed + 1000 * config.seed + index
+
+
+def read_losses(path: Path, key: str) -> tuple[np.ndarray, str] | None:
+    """Cached ``(losses (N, T, V), model id)`` at ``path`` when it was written for ``key``; else None."""
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        if str(z["key"]) != key:
+            return None
+        return z["losses"], str(z["model_id"])
+
+
+def write_losses(path: Path, key: str, losses: np.ndarray, model_id: str, ids: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, key=np.array(key), losses=losses, model_id=np.array(model_id), ids=ids)
+
+
+def run_shard(
+    config: MiaConfig, setup: MiaSetup, index: int, models_dir: Path, show_progress: bool = False
 ) -> tuple[Path, bool]:
-    """Train (or resume, or reuse when finished) a model on ``pool[members]`` in run directory ``path``.
-
-    Returns the run directory and whether training ran in this call.
-    """
-    from diffaudit.train import train
-
-    path = Path(path)
-    done = (path / "model" / "config.json").exists() and (path / "manifest.json").exists()
-    if done and read_manifest(path).get("status") == "finished":
+    """Fit model ``index`` on its half of the pool and write its losses; returns the losses file and whether
+    the model was fitted in this call (False: the shard was already done)."""
+    work = Path(models_dir) / shard_name(index)
+    path, key = work / LOSSES_FILE, shard_key(config, setup, index)
+    if read_losses(path, key) is not None:
         return path, False
-    cfg = dataclasses.replace(preset, train=dataclasses.replace(preset.train, seed=train_seed))
-    subset = pool.subset(members)
-    with RunDir(path, kind="train", resume=True) as run:
-        run.write_config(
-            cfg.to_dict() | {"members_digest": _digest(sorted(subset.ids.tolist())), "num_members": len(subset)}
-        )
-        train(cfg, subset, run, show_progress=show_progress)
+    _, matrix = membership(config, setup)
+    train_set = setup.pool.subset(np.flatnonzero(matrix[index]))
+    work.mkdir(parents=True, exist_ok=True)
+    model = setup.trainer.fit(train_set, setup.init, setup.steps, shard_seed(config, setup, index), work)
+    if index == 0 or config.keep_models:
+        setup.trainer.save(model, work / MODEL_SUBDIR)
+    losses = mia.sample_losses(
+        model, setup.pool, config.timesteps, config.noise_draws, config.flip, config.seed, config.batch_size,
+        show_progress,
+    )  # fmt: skip
+    write_losses(path, key, losses, model.model_id, setup.pool.ids)
     return path, True
 
 
-def cached_losses(
-    model_dir: Path, pool: ImageSet, mcfg: MiaConfig, cache: Path, show_progress: bool = True
-) -> tuple[np.ndarray, str]:
-    """Losses ``float32 (N, T, V)`` of ``pool`` under the model in ``model_dir`` and its model id.
-
-    Cached in ``cache`` (an ``.npz`` keyed by model id, candidate ids, timesteps, draws, flip and seed).
-    """
-    model, meta = load_model(model_dir)
-    model_id = str(meta["model_id"])
-    key = _digest(model_id, pool.ids.tolist(), list(mcfg.timesteps), mcfg.noise_draws, mcfg.flip, mcfg.seed)
-    if cache.exists():
-        with np.load(cache, allow_pickle=False) as z:
-            if str(z["key"]) == key:
-                return z["losses"], model_id
+def target_losses(config: MiaConfig, setup: MiaSetup, cache: Path, show_progress: bool = False) -> np.ndarray:
+    """Losses ``(N, T, V)`` of the user's target on the pool, cached in ``cache`` (keyed by model id and query)."""
+    if setup.target is None:
+        raise ConfigError("no user target in this setup")
+    key = _digest(setup.target.model_id, _query_key(config, setup.pool))
+    cached = read_losses(cache, key)
+    if cached is not None:
+        return cached[0]
     losses = mia.sample_losses(
-        model, pool, mcfg.timesteps, mcfg.noise_draws, mcfg.flip, mcfg.seed, mcfg.batch_size, show_progress
-    )
-    with atomic_path(cache, suffix=".npz") as tmp:
-        np.savez(tmp, key=np.array(key), losses=losses)
-    return losses, model_id
+        setup.target, setup.pool, config.timesteps, config.noise_draws, config.flip, config.seed, config.batch_size,
+        show_progress,
+    )  # fmt: skip
+    write_losses(cache, key, losses, setup.target.model_id, setup.pool.ids)
+    return losses
 
 
-# ---- the attack run -------------------------------------------------------------------------------------------
-def evaluate_attacks(
-    target_stat: np.ndarray,
-    shadow_stats: np.ndarray | None,
-    shadow_membership: np.ndarray | None,
-    target_members: np.ndarray,
-    selection: np.ndarray,
-    timesteps: tuple[int, ...],
-    fix_variance: bool = True,
-) -> tuple[dict[str, object], dict[str, np.ndarray]]:
-    """Choose ``t`` per attack on the selection split and report on the evaluation split.
+def merge_shards(paths: list[Path], ids: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Stack shard losses by index: ``float32 (N, M, T, V)`` (samples x models) and the model ids.
 
-    ``target_stat`` ``(N, T)``, ``shadow_stats`` ``(N, K, T)`` (or None: loss threshold only), membership
-    ``bool (K, N)``, ``target_members`` and ``selection`` ``bool (N,)``. Returns the results dict and the
-    chosen-``t`` scores per attack ``{name: (N,)}``.
+    Every shard must have scored exactly ``ids`` (the pool, in order); a stale or foreign file is a DataError.
     """
-    attacks = [mia.LOSS] if shadow_stats is None else list(mia.ATTACKS)
-    evaluation = ~selection
-    for split, mask in (("selection", selection), ("evaluation", evaluation)):
-        if target_members[mask].all() or not target_members[mask].any():
-            raise DataError(f"the {split} split needs both members and non-members; use a larger pool")
-    results: dict[str, object] = {"attacks": {}, "sweep": {}}
-    chosen: dict[str, np.ndarray] = {}
-    for name in attacks:
-        per_t, auc_sel = [], {}
-        for j, t in enumerate(timesteps):
-            s_stats = None if shadow_stats is None else shadow_stats[:, :, j]
-            scores, info = mia.attack_scores(name, target_stat[:, j], s_stats, shadow_membership, fix_variance)
-            per_t.append((scores, info))
-            auc_sel[int(t)] = roc.summarize(scores[selection], target_members[selection])[roc.AUC]
-            sweep = roc.summarize(scores[evaluation], target_members[evaluation])
-            results["sweep"].setdefault(str(int(t)), {})[name] = {k: sweep[k] for k in (roc.AUC, roc.TPR_AT_1PCT)}
-        # Ties go to the earlier timestep in the given order.
-        best = max(range(len(timesteps)), key=lambda j: (auc_sel[int(timesteps[j])], -j))
-        scores, info = per_t[best]
-        chosen[name] = scores
-        results["attacks"][name] = {
-            "t": int(timesteps[best]),
-            "selection_auc_by_t": auc_sel,
-            **roc.summarize(scores[evaluation], target_members[evaluation]),
-            **({"fallbacks": info} if info else {}),
-        }
-    return results, chosen
-
-
-def run_mia(
-    preset: Preset,
-    data: ImageSet,
-    run: RunDir,
-    mcfg: MiaConfig,
-    target: Path | None = None,
-    target_member_ids: set[str] | None = None,
-    show_progress: bool = True,
-) -> dict[str, object]:
-    """Train target and shadows as needed, compute losses, attack, and write results into ``run``.
-
-    Without ``target`` the target is model 0, trained on its own random half of the pool. With ``target``
-    (a model directory) its members are ``target_member_ids`` (content ids). Writes ``results.json``,
-    ``scores.json`` (per sample, by id), ``membership.npz`` and ``roc.png``; returns the results dict.
-    """
-    mcfg.validate()
-    t0 = time.perf_counter()
-    pool, pool_info = prepare_pool(data, mcfg.pool_size, mcfg.seed)
-    n = len(pool)
-    if target is None:
-        matrix = random_halves(n, mcfg.num_shadows + 1, mcfg.seed)
-        target_members, shadow_membership = matrix[0], matrix[1:]
-    else:
-        if target_member_ids is None:
-            raise ConfigError("a user-supplied target needs the ids of its members")
-        target_members = np.isin(pool.ids, sorted(target_member_ids))
-        shadow_membership = random_halves(n, mcfg.num_shadows, mcfg.seed)
-    selection = selection_mask(n, mcfg.selection_fraction, mcfg.seed)
-    models_dir = run.file("models")
-    trained: dict[str, bool] = {}
-
-    def model_losses(name: str, members: np.ndarray, index: int) -> tuple[np.ndarray, str]:
-        path, ran = train_member_model(
-            preset, pool, members, models_dir / name, preset.train.seed + 1000 * mcfg.seed + index, show_progress
-        )
-        trained[name] = ran
-        return cached_losses(path / "model", pool, mcfg, path / LOSSES_FILE, show_progress)
-
-    if target is None:
-        target_losses, target_id = model_losses("target", target_members, 0)
-    else:
-        target_losses, target_id = cached_losses(
-            Path(target), pool, mcfg, run.file("target-" + LOSSES_FILE), show_progress
-        )
-    shadow_losses = [model_losses(f"shadow-{k:02d}", shadow_membership[k], k + 1) for k in range(mcfg.num_shadows)]
-
-    target_stat = mia.loss_statistic(target_losses)  # (N, T)
-    shadow_stats = (
-        np.stack([mia.loss_statistic(sl) for sl, _ in shadow_losses], axis=1) if shadow_losses else None
-    )  # (N, K, T)
-    results, chosen = evaluate_attacks(
-        target_stat,
-        shadow_stats,
-        shadow_membership if shadow_losses else None,
-        target_members,
-        selection,
-        tuple(mcfg.timesteps),
-        mcfg.fix_variance,
-    )
-    evaluation = ~selection
-    results.update(
-        pool=pool_info | {"selection": int(selection.sum()), "evaluation": int(evaluation.sum())},
-        target={"model_id": target_id, "members": int(target_members.sum()), "user_supplied": target is not None},
-        shadows={"num": mcfg.num_shadows, "model_ids": [mid for _, mid in shadow_losses], "trained_now": trained},
-        timesteps=list(mcfg.timesteps),
-        seconds=time.perf_counter() - t0,
-    )
-    atomic_write_json(run.file(RESULTS_FILE), results)
-    j_of = {int(t): j for j, t in enumerate(mcfg.timesteps)}
-    rows = []
-    for i in range(n):
-        row: dict[str, object] = {
-            "id": str(pool.ids[i]),
-            "label": int(pool.labels[i]),
-            "member": bool(target_members[i]),
-            "split": "selection" if selection[i] else "evaluation",
-        }
-        for name, scores in chosen.items():
-            row[f"score_{name}"] = float(scores[i])
-        for t, j in j_of.items():
-            row[f"loss_t{t}"] = float(target_losses[i, j].mean())
-        rows.append(row)
-    atomic_write_json(run.file(SCORES_FILE), rows)
-    with atomic_path(run.file(MATRIX_FILE), suffix=".npz") as tmp:
-        np.savez(
-            tmp,
-            ids=pool.ids,
-            target_membership=target_members,
-            shadow_membership=shadow_membership,  # (models, samples)
-            target_losses=target_losses,  # (samples, timesteps, variants)
-            shadow_stats=shadow_stats if shadow_stats is not None else np.zeros((n, 0, len(mcfg.timesteps))),
-            timesteps=np.asarray(mcfg.timesteps),
-            selection=selection,
-        )
-    roc.plot_roc(
-        roc.curves_for({k: v[evaluation] for k, v in chosen.items()}, target_members[evaluation]),
-        run.file(ROC_FILE),
-        title=f"MIA, {int(evaluation.sum())} evaluation candidates, K={mcfg.num_shadows}",
-    )
-    for name, summary in results["attacks"].items():
-        run.log({"attack": name, **{k: summary[k] for k in ("t", roc.AUC, roc.TPR_AT_1PCT, roc.TPR_AT_01PCT)}})
-    return results
+    out, model_ids = [], []
+    for p in paths:
+        with np.load(p, allow_pickle=False) as z:
+            if not np.array_equal(z["ids"], ids):
+                raise DataError(f"{p}: losses of other candidates than this run's pool")
+            out.append(z["losses"])
+            model_ids.append(str(z["model_id"]))
+    if not out:
+        return np.zeros((len(ids), 0, 0, 0), np.float32), []
+    return np.stack(out, axis=1), model_ids

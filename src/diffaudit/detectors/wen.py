@@ -1,14 +1,15 @@
-"""Wen et al. (ICLR 2024) memorization detector, with class labels as prompts.
+"""Wen et al. (ICLR 2024) memorization detector over any generator: class labels or prompts as conditions.
 
 A memorized prompt pulls generation toward one training image from the very first steps, so the conditional
-noise prediction differs strongly from the unconditional one. Per label ``c`` the signal is
+noise prediction differs strongly from the unconditional one. Per condition ``c`` the signal is
 
-    m(c) = mean over seeds s and the first ``measure_steps`` sampling steps of
-           ||eps(x_t, c) - eps(x_t, null)||_2 / sqrt(d)
+    m(c) = mean over seeds s of guidance_gap(c, s)
 
-along the classifier-free-guided DDIM trajectory that starts from seed ``s`` (``d`` values per image; the
-division makes the number comparable across resolutions, Wen et al. use the plain norm). Every label uses the
-same seeds, so labels are compared on identical starting noise.
+where :meth:`diffaudit.generators.base.Generator.guidance_gap` is the RMS of ``eps(z_t, c) - eps(z_t, null)``
+over the first ``measure_steps`` steps of the guided DDIM trajectory from seed ``s`` (RMS over the ``d`` values
+the network denoises, pixels or VAE latents: comparable across resolutions, where Wen et al. use the plain
+norm). Every condition uses the same seeds, so conditions are compared on identical starting noise. This module
+only arranges requests and reports; it computes no trajectory of its own.
 
 :func:`compare_with_extraction` lines the per-label signal up with the clique flags of an extraction run.
 """
@@ -21,10 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from diffaudit.errors import ConfigError, DataError
-from diffaudit.models.diffusion import DiffusionModel, per_sample_noise
+from diffaudit.generators.base import Generator
 from diffaudit.progress import progress_bar
 
 KEY_LABEL = "label"
@@ -34,72 +34,71 @@ KEY_STD = "noise_gap_std"
 KEY_PER_SEED = "per_seed"
 
 
-@torch.inference_mode()
 def noise_gaps(
-    model: DiffusionModel,
+    generator: Generator,
     labels: Sequence[int],
     seeds: Sequence[int],
     num_steps: int = 50,
     measure_steps: int = 10,
     guidance_scale: float = 2.0,
+    batch_size: int = 64,
 ) -> np.ndarray:
-    """Mean RMS of ``eps(x_t, c) - eps(x_t, null)`` ``float64 (len(labels), len(seeds))``.
+    """The guidance gap of every (label, seed) pair, ``float64 (len(labels), len(seeds))``.
 
-    The trajectory for (label, seed) is a DDIM run of ``num_steps`` steps with guidance ``guidance_scale``;
-    the gap is averaged over its first ``measure_steps`` steps (where Wen et al. find the signal strongest).
+    Entry ``[i, j]`` is :meth:`Generator.guidance_gap` of ``(labels[i], seeds[j])``: the RMS of
+    ``eps(z_t, c) - eps(z_t, null)`` over the first ``measure_steps`` of a ``num_steps``-step DDIM trajectory
+    guided at ``guidance_scale`` (the one definition of the statistic; this module only arranges requests).
     """
-    cfg = model.config
-    if not cfg.conditional:
-        raise ConfigError("Wen et al.'s detector needs a class-conditional model (label vs null prediction)")
-    if not 1 <= measure_steps <= num_steps:
-        raise ConfigError(f"measure_steps must be in [1, num_steps={num_steps}], got {measure_steps}")
-    bad = [c for c in labels if not 0 <= c < cfg.num_classes]
+    labels = [int(c) for c in labels]
+    seeds = [int(s) for s in seeds]
+    bad = [c for c in labels if not 0 <= c < len(generator.conditions)]
     if bad:
-        raise ConfigError(f"labels {bad} outside [0, {cfg.num_classes})")
-    model.eval()
-    shape = (cfg.channels, cfg.resolution, cfg.resolution)
-    out = np.zeros((len(labels), len(seeds)), dtype=np.float64)
-    x_init = per_sample_noise(shape, seeds, model.device)
-    for i, c in enumerate(labels):
-        sched = model.make_sampler("ddim", num_steps)
-        x = x_init * sched.init_noise_sigma
-        lab = torch.full((len(seeds),), int(c), dtype=torch.long, device=model.device)
-        null = torch.full_like(lab, -1)
-        for t in sched.timesteps[:measure_steps]:
-            tt = torch.full((len(seeds),), int(t), dtype=torch.long, device=model.device)
-            xin = sched.scale_model_input(x, t)
-            both = model.predict_noise(torch.cat([xin, xin]), torch.cat([tt, tt]), torch.cat([lab, null]))
-            eps_c, eps_n = both.chunk(2)
-            out[i] += (eps_c - eps_n).flatten(1).pow(2).mean(1).sqrt().double().cpu().numpy()
-            x = sched.step(eps_n + guidance_scale * (eps_c - eps_n), t, x).prev_sample
-        out[i] /= measure_steps
-    return out
+        raise ConfigError(f"labels {bad} outside [0, {len(generator.conditions)}) (the model's conditions)")
+    flat_labels = np.repeat(np.asarray(labels, dtype=np.int64), len(seeds))
+    flat_seeds = seeds * len(labels)
+    gaps = generator.guidance_gap(
+        flat_labels,
+        flat_seeds,
+        num_steps=num_steps,
+        measure_steps=measure_steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+    )
+    return np.asarray(gaps, dtype=np.float64).reshape(len(labels), len(seeds))
 
 
 def wen_report(
-    model: DiffusionModel,
-    class_names: Sequence[str],
+    generator: Generator,
+    labels: Sequence[int] | None = None,
     num_seeds: int = 16,
     num_steps: int = 50,
     measure_steps: int = 10,
     guidance_scale: float = 2.0,
     seed: int = 0,
+    batch_size: int = 64,
     show_progress: bool = True,
 ) -> dict[str, object]:
-    """Per-label memorization signal for every class of ``model``: rows ``{label, name, noise_gap, ...}``.
+    """Per-condition memorization signal: rows ``{label, name, noise_gap, noise_gap_std, per_seed}``.
 
-    Seeds are ``seed .. seed + num_seeds - 1`` for every label. Rows are sorted by label.
+    ``labels``: condition indices to score (default: all of the generator's conditions: classes, or prompts).
+    Seeds are ``seed .. seed + num_seeds - 1`` for every label, so conditions are compared on identical
+    starting noise. Rows are sorted by label; the keys are the same for every generator family.
     """
-    labels = list(range(model.config.num_classes))
+    if num_seeds < 1:
+        raise ConfigError(f"num_seeds must be >= 1, got {num_seeds}")
+    names = generator.conditions
+    if not names:
+        raise ConfigError("Wen et al.'s detector needs a conditional model (condition vs null prediction)")
+    labels = sorted(range(len(names)) if labels is None else {int(c) for c in labels})
     seeds = list(range(seed, seed + num_seeds))
     rows = []
     with progress_bar("wen detector", total=len(labels), enabled=show_progress) as bar:
         for c in labels:
-            gaps = noise_gaps(model, [c], seeds, num_steps, measure_steps, guidance_scale)[0]
+            gaps = noise_gaps(generator, [c], seeds, num_steps, measure_steps, guidance_scale, batch_size)[0]
             rows.append(
                 {
                     KEY_LABEL: c,
-                    KEY_NAME: class_names[c] if c < len(class_names) else str(c),
+                    KEY_NAME: names[c],
                     KEY_SCORE: float(gaps.mean()),
                     KEY_STD: float(gaps.std(ddof=1)) if len(gaps) > 1 else 0.0,
                     KEY_PER_SEED: gaps.tolist(),
@@ -114,7 +113,8 @@ def wen_report(
             "num_steps": num_steps,
             "measure_steps": measure_steps,
             "guidance_scale": guidance_scale,
-            "norm": "RMS over pixels of eps(x_t, label) - eps(x_t, null)",
+            "norm": "RMS over the denoised space of eps(z_t, condition) - eps(z_t, null)",
+            "model_id": generator.model_id,
         },
         "per_label": rows,
     }
