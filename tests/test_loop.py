@@ -12,16 +12,11 @@ from typer.testing import CliRunner
 from diffaudit.cli import app
 from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import ConfigError
-from diffaudit.loop.engine import (
-    Experiment,
-    LoopConfig,
-    LoopHooks,
-    extra_samples,
-    healing_ratio,
-    replace_config,
-    run_experiment,
-)
+from diffaudit.loop.config import LoopConfig, LoopHooks, replace_config
+from diffaudit.loop.evaluate import healing_ratio
+from diffaudit.loop.experiment import Experiment, run_experiment
 from diffaudit.loop.mixing import MixSpec, mix_generation, mix_summary
+from diffaudit.loop.plan import extra_samples
 
 K = 4  # classes in the toy sets
 
@@ -229,7 +224,7 @@ def test_extra_samples_only_where_a_later_mix_needs_them(tmp_path):
 
 
 def test_nepotism_preset_extra_samples():
-    from diffaudit.loop.engine import load_real
+    from diffaudit.loop.plan import load_real
     from diffaudit.loop.presets import build_experiment
 
     exp = build_experiment("nepotism-digits")
