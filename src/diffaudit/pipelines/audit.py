@@ -1,6 +1,6 @@
-"""Audits of a text-to-image pipeline: sampling into an ImageSet, loss-threshold membership inference in latent
-space, and the SD v1 invisible watermark. (Extraction runs on any generator: ``diffaudit extract``, i.e.
-:func:`diffaudit.attacks.extraction_run.run_extract`.)
+"""Audits of a text-to-image pipeline: sampling into an ImageSet and the SD v1 invisible watermark. (Extraction
+and membership inference run on any generator: ``diffaudit extract``, i.e.
+:func:`diffaudit.attacks.extraction_run.run_extract`, and ``diffaudit mia``, i.e. :mod:`diffaudit.attacks.mia_run`.)
 
 Every function is pure over (model, prompts, seeds) so a large audit can be sharded by prompt or seed range.
 """
@@ -14,7 +14,7 @@ import torch
 
 from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import ConfigError
-from diffaudit.pipelines.sd import SDModel, images_to_tensor, per_seed_noise
+from diffaudit.pipelines.sd import SDModel, images_to_tensor
 from diffaudit.progress import progress_bar
 
 #: Watermarks ``generate_sd`` can apply: none, or Stable Diffusion v1's dwtDct "StableDiffusionV1".
@@ -94,48 +94,3 @@ def generate_sd(
             "tag": "" if watermark == "none" else watermark,
         },
     )
-
-
-# ---- membership inference -----------------------------------------------------------------------------------
-
-
-def _seed_of_id(image_id: str, seed: int) -> int:
-    # Noise keyed by the image's content id, not its position: a member's loss does not depend on set order.
-    return (int(image_id[:12], 16) ^ seed) & 0x7FFFFFFFFFFF
-
-
-@torch.no_grad()
-def latent_losses(
-    model: SDModel,
-    images: ImageSet,
-    captions: Sequence[str],
-    t: int = 100,
-    num_noise: int = 1,
-    seed: int = 0,
-    batch_size: int = 8,
-    show_progress: bool = True,
-) -> np.ndarray:
-    """Per-image loss ``float64 (N,)`` at timestep ``t`` in latent space, averaged over ``num_noise`` draws.
-
-    Latents are the VAE posterior means; noise draw ``k`` of an image is seeded from its content id, ``seed``
-    and ``k``, so the result is independent of order and batching.
-    """
-    if len(captions) != len(images):
-        raise ConfigError(f"got {len(captions)} captions for {len(images)} images")
-    if not 0 <= t < model.train_scheduler.config.num_train_timesteps:
-        raise ConfigError(f"t must be in [0, {model.train_scheduler.config.num_train_timesteps}), got {t}")
-    if num_noise < 1:
-        raise ConfigError(f"num_noise must be >= 1, got {num_noise}")
-    out = np.zeros(len(images))
-    with progress_bar("losses", total=len(images), enabled=show_progress) as bar:
-        for start in range(0, len(images), batch_size):
-            stop = min(start + batch_size, len(images))
-            z0 = model.encode_images(images_to_tensor(images.images[start:stop]))
-            embeds = model.encode_prompts(list(captions[start:stop]))
-            tt = torch.full((stop - start,), t, dtype=torch.long)
-            for k in range(num_noise):
-                seeds = [_seed_of_id(i, seed * 1009 + k) for i in images.ids[start:stop]]
-                noise = per_seed_noise(model.latent_shape, seeds)
-                out[start:stop] += model.per_sample_loss(z0, embeds, tt, noise).double().cpu().numpy()
-            bar.update(completed=stop)
-    return out / num_noise
