@@ -47,6 +47,7 @@ def test_pipeline_sample_run_with_prompts_file(tmp_path):
     assert samples.provenance["seed"].tolist() == [0, 1, 500, 501]  # the file's own first seed wins
     config = json.loads((out / "config.json").read_text())
     assert config["generator"]["family"] == "pipeline" and config["conditions"] == ["a cat", "a dog"]
+    assert config["sample"]["guidance_scale"] == 7.5  # a pipeline's own default, recorded
     assert json.loads((out / "manifest.json").read_text())["kind"] == "sample"
     # the same request through sd:PATH gives the same images (the prefix is only a hint)
     code, text = _run_sample(

@@ -6,11 +6,15 @@ from pathlib import Path
 
 import typer
 
-from diffaudit.cli.common import err
+from diffaudit.cli.common import err, user_text
 
 MODEL_HELP = "model or train-run directory, analytic model directory, or diffusers pipeline directory (sd:PATH ok)"
 PROMPTS_HELP = "prompts file for a text-to-image pipeline: one prompt a line, or JSONL {prompt, seed}"
 DTYPE_HELP = "pipelines: auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16"
+SHARD_HELP = (
+    "write only shard i/n (0-based) of the requests to OUT/shards/, or auto (SLURM array, Kubernetes "
+    "JOB_COMPLETION_INDEX + DIFFAUDIT_SHARD_COUNT, RANK/WORLD_SIZE); then: diffaudit merge OUT"
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +28,9 @@ def register(app: typer.Typer) -> None:
         labels: str = typer.Option("all", help="all | none | comma-separated condition names or indices"),
         sampler: str = typer.Option("ddim", help="ddpm | ddim | dpm++ | pipeline (a pipeline's own scheduler)"),
         num_steps: int = typer.Option(50, min=1),
-        guidance_scale: float = typer.Option(2.0, help="classifier-free guidance (1: none; SD's default is 7.5)"),
+        guidance_scale: float = typer.Option(
+            None, help="classifier-free guidance (1: none); default: the model's own (SD pipelines 7.5, ours 2.0)"
+        ),
         temperature: float = typer.Option(1.0, min=0.0, help="scale of the sampling noise (<1: less diverse)"),
         seed: int = typer.Option(0, min=0, help="image i uses seed SEED + i (per condition: SEED + p*N + j)"),
         batch_size: int = typer.Option(64, min=1),
@@ -33,6 +39,13 @@ def register(app: typer.Typer) -> None:
         watermark: str = typer.Option("none", help="none | sd-v1 (dwtDct 'StableDiffusionV1', needs >= 256 px)"),
         dtype: str = typer.Option("auto", help=DTYPE_HELP),
         progress: bool = typer.Option(True, help="show a progress bar"),
+        shard: str = typer.Option(None, help=SHARD_HELP),
+        shards: int = typer.Option(0, min=0, help="run all of N shards with --engine, then merge (0: no shards)"),
+        engine: str = typer.Option(
+            "local", help="local (this process) | ray (Ray tasks; needs the ray extra)"
+        ),
+        address: str = typer.Option(None, help="Ray cluster address (auto, ray://HOST:10001); default: a local one"),
+        cpus_per_task: float = typer.Option(1.0, min=0.01, help="Ray: CPUs per task (fractions allowed)"),
     ) -> None:
         """Sample images into RUN/samples.npz; image i depends only on its seed and condition, never on the batch."""
         from diffaudit.config import SampleConfig
@@ -50,10 +63,10 @@ def register(app: typer.Typer) -> None:
             sample=SampleConfig(
                 sampler=sampler,
                 num_steps=num_steps,
-                guidance_scale=guidance_scale,
                 temperature=temperature,
                 batch_size=batch_size,
             ),
+            guidance_scale=guidance_scale,
             guard=None if guard is None else str(guard),
             guard_retries=guard_retries,
             watermark=watermark,
@@ -61,7 +74,41 @@ def register(app: typer.Typer) -> None:
         )
         cfg.validate()
         family_of(model)  # a bad model path fails before the run directory exists
+        if shard is not None or shards > 0 or engine != "local":
+            _sharded(cfg, out, shard, shards, engine, address, cpus_per_task, progress)
+            return
         with RunDir(out, kind="sample") as run:
             images = run_sample(cfg, run, show_progress=progress)
         guarded = f" (copy filter record: {out / 'guard.json'})" if guard is not None else ""
         err.print(f"{len(images)} images written to {out / 'samples.npz'}; grid {out / 'grid.png'}{guarded}")
+
+
+def _sharded(cfg, out: Path, shard: str | None, shards: int, engine: str, address, cpus: float, progress: bool) -> None:
+    """``--shard i/n``: one shard; ``--shards N --engine E``: all N shards, then the merge."""
+    from diffaudit.errors import ConfigError
+    from diffaudit.scale.engines import ENGINES, run_stage, sample_stage
+    from diffaudit.scale.shards import parse_shard
+
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if shard is not None:
+        if shards or engine != "local":
+            raise ConfigError("--shard i/n runs one shard in this process; use --shards N --engine E to run them all")
+        spec = parse_shard(shard)
+        folder = sample_stage().run_unit(cfg, out, spec, progress)
+        err.print(f"shard {spec.label} in {user_text(folder)}; when all {spec.count} are done: diffaudit merge {out}")
+        return
+    count = shards or _default_shards(engine, address)
+    summary = run_stage(sample_stage(), cfg, out, count, engine=engine, address=address, num_cpus=cpus,
+                        show_progress=progress)  # fmt: skip
+    err.print(
+        f"{summary['num_images']} images in {summary['shards']} shards ({summary['ran']} run, {summary['skipped']} "
+        f"already finished) merged into {user_text(out / 'samples.npz')}"
+    )
+
+
+def _default_shards(engine: str, address: str | None) -> int:
+    """Ray without --shards: one shard per CPU of this machine (a cluster: pass --shards)."""
+    import os
+
+    return max(1, os.cpu_count() or 1) if engine == "ray" else 1

@@ -66,6 +66,8 @@ class AnalyticGenerator(DenoisingGenerator):
     """Per-condition Gaussian mixtures; ``kind`` is ``gaussian`` or ``gmm`` (only for ids and descriptions)."""
 
     pixel_space = True
+    #: Exact sampling ignores guidance; 1 states that in run records.
+    default_guidance_scale = 1.0
 
     def __init__(self, kind: str, mixtures: list[Mixture], shape: tuple[int, int, int], class_names: Sequence[str]):
         self.kind = kind
@@ -81,9 +83,10 @@ class AnalyticGenerator(DenoisingGenerator):
 
     def compute_id(self) -> str:
         h = hashlib.sha256()
-        for m in self.mixtures:
-            for arr in (m.weights, m.means, m.covs):
-                h.update(np.ascontiguousarray(arr, dtype=np.float64).tobytes())
+        # All weights, then all means, then all covariances: the order ids were always hashed in.
+        for part in ("weights", "means", "covs"):
+            for m in self.mixtures:
+                h.update(np.ascontiguousarray(getattr(m, part), dtype=np.float64).tobytes())
         h.update(repr([m.label for m in self.mixtures]).encode())
         return h.hexdigest()[:16]
 

@@ -46,6 +46,8 @@ class Generator(Protocol):
     conditions: tuple[str, ...]
     image_shape: tuple[int, int, int]
     num_train_timesteps: int
+    #: The guidance a user of this family expects when they do not say (SD pipelines: 7.5; our models: 2.0).
+    default_guidance_scale: float
 
     def sample(
         self,

@@ -49,6 +49,8 @@ class DenoisingGenerator:
     conditional: bool = True
     #: Pixel-space models threshold DPM-Solver++'s x0 predictions to [-1, 1]; latent models must not.
     pixel_space: bool = True
+    #: Guidance used when a command is not told one (diffaudit's presets sample at 2.0).
+    default_guidance_scale: float = 2.0
 
     # ---- hooks (subclasses) ---------------------------------------------------------------------------------
     @property

@@ -38,6 +38,8 @@ class PipelineGenerator(DenoisingGenerator):
 
     pixel_space = False
     conditional = True
+    #: Stable Diffusion pipelines' own default guidance (diffusers' StableDiffusionPipeline).
+    default_guidance_scale = 7.5
 
     def __init__(
         self,
