@@ -140,12 +140,9 @@ class _LazyGroup(TyperGroup):
         if entry is not None and self._listing:
             # Listing in --help needs only the name and help text: a placeholder avoids importing the module.
             return TyperCommand(name=cmd_name, help=entry[1], hidden=entry[2])
-        modules = [entry[0]] if entry is not None else _COMMAND_MODULES  # unknown: look everywhere (slow path)
-        for module in modules:
-            command = _module_commands(module).get(cmd_name)
-            if command is not None:
-                return command
-        return None
+        if entry is None:  # the index is complete (unscannable modules were imported), so: no such command
+            return None
+        return _module_commands(entry[0]).get(cmd_name)
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         self._listing = True
