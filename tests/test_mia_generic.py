@@ -10,14 +10,14 @@ import pytest
 from typer.testing import CliRunner
 
 from diffaudit.attacks import mia, roc
-from diffaudit.attacks.mia_run import run_mia, run_wen
+from diffaudit.attacks.mia_run import run_mia
 from diffaudit.attacks.mia_setup import build_setup
 from diffaudit.attacks.shadow import MiaConfig, merge_shards, run_shard
 from diffaudit.cli import app
 from diffaudit.config import get_preset
 from diffaudit.data.imageset import ImageSet
-from diffaudit.errors import DataError
 from diffaudit.detectors import wen
+from diffaudit.errors import DataError
 from diffaudit.generators.analytic import AnalyticTrainer
 from diffaudit.generators.schedulers import training_scheduler
 from diffaudit.runs import RunDir
