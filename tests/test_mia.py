@@ -230,4 +230,7 @@ def test_cli_end_to_end_resume_and_user_target(tmp_path):
 
 def test_cli_rejects_target_without_members(tmp_path):
     res = CliRunner().invoke(app, ["mia", "--out", str(tmp_path / "x"), "--target", str(tmp_path)])
-    assert isinstance(res.exception, ConfigError)
+    assert isinstance(res.exception, ConfigError) and "--members" in str(res.exception)
+    res = CliRunner().invoke(app, ["mia", "--out", str(tmp_path / "y"), "--nonmembers", "digits"])
+    assert isinstance(res.exception, ConfigError) and "--nonmembers goes with --members" in str(res.exception)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
