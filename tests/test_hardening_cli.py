@@ -182,11 +182,6 @@ def test_cli_package_import_is_light():
     assert got["s"] < 3.0, f"import took {got['s']:.1f} s"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="command modules being rewritten still import torch/diffusers/scipy at module top, so "
-    "`diffaudit COMMAND --help` and usage errors of those commands take seconds (reported to the lead)",
-)
 def test_command_modules_import_light():
     """Importing every command module (what ``COMMAND --help`` costs at most) stays light.
 

@@ -7,10 +7,6 @@ from pathlib import Path
 import typer
 
 from diffaudit.cli.common import err, print_json, resolve_preset
-from diffaudit.data.grid import save_grid
-from diffaudit.data.loading import load_data
-from diffaudit.runs import RunDir
-from diffaudit.train import train as train_model
 
 
 def register(app: typer.Typer) -> None:
@@ -32,6 +28,11 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             print_json(resolved)
             return
+        from diffaudit.data.grid import save_grid
+        from diffaudit.data.loading import load_data
+        from diffaudit.runs import RunDir
+        from diffaudit.train import train as train_model
+
         images, info = load_data(cfg.data)
         with RunDir(out, kind="train", resume=resume) as run:
             run.write_config(resolved | {"data_info": info})

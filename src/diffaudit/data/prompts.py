@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffaudit.data.folder import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, _read_one, _to_array
+from diffaudit.data.folder import DEFAULT_MAX_PIXELS, _to_array, list_image_files, open_image
 from diffaudit.data.imageset import ImageSet
 from diffaudit.data.transforms import convert_channels, resize_image
 from diffaudit.errors import DataError
@@ -97,7 +97,8 @@ def read_captioned_folder(
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a directory")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink()))
+    # The one folder reader: symlinks leaving the folder and loops refused, sorted for determinism.
+    files = [path for path, _ in list_image_files(root)]
     if not files:
         raise DataError(f"{root}: contains no PNG or JPEG images")
     meta = _metadata_captions(root) if (root / "metadata.jsonl").is_file() else None
@@ -114,7 +115,7 @@ def read_captioned_folder(
             if not txt.is_file():
                 raise DataError(f"{f}: no caption (expected {txt.name} beside it, or a metadata.jsonl in {root})")
             caption = txt.read_text(encoding="utf-8").strip()
-        arr = convert_channels(_to_array(_read_one(f, root, max_pixels), f)[None], 3)[0]
+        arr = convert_channels(_to_array(open_image(f, root, max_pixels), f)[None], 3)[0]
         resolution = resolution or int(min(arr.shape[1:]))
         images.append(resize_image(arr, resolution, resize_policy))
         captions.append(caption)
