@@ -1,0 +1,244 @@
+"""Exact k nearest neighbours: a float32 fast pass that keeps every row that can still matter, then exact ranks.
+
+Correctness argument (what makes the result independent of block sizes, duplicates included):
+
+* Every fast value ``f`` of a pair is within ``b = tol * (|q|^2 + |r|^2)`` of the exact raw squared distance
+  ``e``, so each candidate carries an interval ``lo <= e <= hi``.
+* Let ``U`` be the k-th smallest ``hi`` among a query's candidates. The k-th smallest exact distance is at most
+  ``U``, so a row whose ``lo`` exceeds ``U`` can never be returned, and a row is selected from a block whenever
+  ``f - b <= U``. Nothing else is ever dropped, except rows whose exact value is known and which have k rows
+  before them in (exact, index) order: they cannot be returned either. There is no fixed number of candidates,
+  so any number of exact copies survive to the final (exact distance, index) sort.
+* Only when a query's candidates exceed ``_CAP`` (many rows tied within the band: copies) are its candidates
+  recomputed early, which bounds memory without changing the answer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffaudit.distances._engine import (
+    ArrayLike,
+    Geometry,
+    RefBlocks,
+    center_of,
+    exact_pairs,
+    fast_sq,
+    load,
+    make_operand,
+    pair_band,
+    plan_blocks,
+    rel_tol,
+)
+
+# Reference rows per group of the two-level selection. The fast product is laid out reference-major (br, bq),
+# so the minimum over a group of 16 reference rows is an elementwise minimum of contiguous rows: one cheap
+# vectorised pass. Only groups whose minimum passes a query's threshold are then compared element by element
+# (elementwise comparisons with a bool result, and nonzero, cost several times a min-reduction on CPU).
+_GROUP = 16
+_FMAX = torch.finfo(torch.float32).max
+
+
+def group_min(sq_t: torch.Tensor) -> torch.Tensor:
+    """(ng, b) minima over groups of ``_GROUP`` consecutive rows of ``sq_t`` (m, b); the last group may be short."""
+    m, b = sq_t.shape
+    mg = m - m % _GROUP
+    parts = []
+    if mg:
+        parts.append(sq_t[:mg].view(mg // _GROUP, _GROUP, b).amin(1))
+    if mg < m:
+        parts.append(sq_t[mg:].amin(0, keepdim=True))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def select_le(
+    sq_t: torch.Tensor, thr: torch.Tensor, gmin: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and reference indices (int64) of the entries of ``sq_t`` (m, b) with ``sq_t[j, i] <= thr[i]``.
+
+    ``sq_t`` is reference-major and contiguous; ``gmin`` is its :func:`group_min` when already computed.
+    """
+    m, b = sq_t.shape
+    if gmin is None:
+        gmin = group_min(sq_t)
+    g, i = torch.nonzero(gmin <= thr[None, :], as_tuple=True)
+    if not len(g):
+        empty = torch.empty(0, dtype=torch.int64, device=sq_t.device)
+        return empty, empty
+    j = g[:, None] * _GROUP + torch.arange(_GROUP, device=sq_t.device)[None, :]  # (P, G) candidate rows
+    inside = j < m
+    vals = sq_t.reshape(-1)[j.clamp_max(m - 1) * b + i[:, None]]
+    p, t = torch.nonzero((vals <= thr[i][:, None]) & inside, as_tuple=True)
+    return i[p], j[p, t]
+
+
+def _rank_in_rows(keys: list[torch.Tensor]) -> torch.Tensor:
+    """Per row of (b, C) tensors, the position of each entry when sorted by keys[0], then keys[1], ... ."""
+    order = torch.argsort(keys[-1], dim=1, stable=True)
+    for key in reversed(keys[:-1]):
+        order = order.gather(1, torch.argsort(key.gather(1, order), dim=1, stable=True))
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return rank
+
+
+class _Candidates:
+    """The candidate rows of one block of queries.
+
+    New entries are appended flat (cheap); :meth:`compact` lays them out as padded (b, C) tensors, valid entries
+    first in each row. ``lo``/``hi`` bound the exact raw squared distance (inf in padding); ``ex`` is the exact
+    value once known (NaN before). ``exact(qrows, refcols)`` computes exact values for flat index pairs.
+    """
+
+    def __init__(self, b: int, k: int, device: torch.device, exact) -> None:  # noqa: ANN001 - a callable
+        self.k, self.exact, self.b = k, exact, b
+        self.idx = torch.empty((b, 0), dtype=torch.int64, device=device)
+        self.lo = torch.empty((b, 0), dtype=torch.float64, device=device)
+        self.hi, self.ex = self.lo.clone(), self.lo.clone()
+        self._pending: list[tuple[torch.Tensor, ...]] = []
+        self.size = 0
+
+    def add(self, rows: torch.Tensor, cols: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ex: torch.Tensor) -> None:
+        """Append flat entries (any order); ``ex`` is the exact value where already known, else NaN."""
+        self._pending.append((rows, cols, lo, hi, ex))
+        self.size += len(rows)
+
+    def _merge(self) -> None:
+        """Lay the padded entries and the pending flat ones out as new padded (b, C) tensors."""
+        if not self._pending:
+            return
+        qi, cj = torch.nonzero(self.lo < torch.inf, as_tuple=True)
+        flat = [(qi, self.idx[qi, cj], self.lo[qi, cj], self.hi[qi, cj], self.ex[qi, cj]), *self._pending]
+        rows, cols, lo, hi, ex = (torch.cat(parts) for parts in zip(*flat, strict=True))
+        order = torch.argsort(rows, stable=True)
+        rows, cols, lo, hi, ex = rows[order], cols[order], lo[order], hi[order], ex[order]
+        count = torch.bincount(rows, minlength=self.b)
+        pos = torch.arange(len(rows), device=rows.device) - (torch.cumsum(count, 0) - count)[rows]
+        width = int(count.max()) if len(rows) else 0
+        shape, dev = (self.b, width), rows.device
+        self.idx = torch.full(shape, -1, dtype=torch.int64, device=dev)
+        self.lo, self.hi, self.ex = (torch.full(shape, torch.inf, dtype=torch.float64, device=dev) for _ in range(3))
+        for dst, src in ((self.idx, cols), (self.lo, lo), (self.hi, hi), (self.ex, ex)):
+            dst[rows, pos] = src
+        self._pending = []
+
+    def _kth_hi(self, keep: torch.Tensor | None = None) -> torch.Tensor:
+        hi = self.hi if keep is None else torch.where(keep, self.hi, torch.inf)
+        if hi.shape[1] < self.k:
+            return torch.full((hi.shape[0],), torch.inf, dtype=torch.float64, device=hi.device)
+        return hi.kthvalue(self.k, dim=1).values
+
+    def _resolve(self, mask: torch.Tensor) -> None:
+        """Compute exact values of the entries in ``mask`` that do not have one yet."""
+        qi, cj = torch.nonzero(mask & torch.isnan(self.ex), as_tuple=True)
+        if len(qi):
+            e = self.exact(qi, self.idx[qi, cj])
+            self.ex[qi, cj] = e
+            self.lo[qi, cj] = e
+            self.hi[qi, cj] = e
+
+    def _drop_ranked_out(self, keep: torch.Tensor) -> torch.Tensor:
+        """Drop exact-known entries with k entries before them in (exact, index) order."""
+        known = keep & ~torch.isnan(self.ex)
+        key = torch.where(known, self.ex, torch.inf)
+        rank = _rank_in_rows([key, self.idx])
+        return keep & ~(known & (rank >= self.k))
+
+    def compact(self, cap: int) -> torch.Tensor:
+        """Drop entries that cannot be among the k nearest; returns U (b,) float64, the bound for later rows."""
+        self._merge()
+        u = self._kth_hi()
+        keep = self.lo <= u[:, None]
+        crowded = keep.sum(1) > cap
+        if bool(crowded.any()):
+            self._resolve(keep & crowded[:, None])
+            keep = self._drop_ranked_out(keep)
+            u = self._kth_hi(keep)
+            keep &= self.lo <= u[:, None]
+        self._pack(keep)
+        return u
+
+    def _pack(self, keep: torch.Tensor) -> None:
+        order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)
+        count = keep.sum(1)
+        width = int(count.max()) if len(count) else 0
+        order = order[:, :width]
+        valid = torch.arange(width, device=keep.device)[None, :] < count[:, None]
+        self.idx = torch.where(valid, self.idx.gather(1, order), -1)
+        self.lo = torch.where(valid, self.lo.gather(1, order), torch.inf)
+        self.hi = torch.where(valid, self.hi.gather(1, order), torch.inf)
+        self.ex = torch.where(valid, self.ex.gather(1, order), torch.inf)
+        self.size = int(count.sum())
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact raw squared distances (b, k) float64 and indices (b, k), by (distance, index)."""
+        valid = self.lo < torch.inf
+        self._resolve(valid)
+        key = torch.where(valid, self.ex, torch.inf)
+        rank = _rank_in_rows([key, torch.where(valid, self.idx, torch.iinfo(torch.int64).max)])
+        order = torch.argsort(rank, dim=1)[:, : self.k]
+        return key.gather(1, order), self.idx.gather(1, order)
+
+
+def knn_sq(
+    query: ArrayLike,
+    ref: ArrayLike,
+    k: int,
+    geom: Geometry,
+    block_q: int,
+    block_r: int,
+    exclude_self: bool,
+    cache_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact raw squared distances (Nq, k) float64 and indices (Nq, k) int64 of the k nearest ref rows."""
+    bq_max, br = plan_blocks(geom, block_q, block_r)
+    dev = geom.device
+    center = center_of(ref, geom, min(br, len(ref)))
+    refs = RefBlocks(ref, geom, center, br, cache_bytes)
+    tol = rel_tol(dev)
+    width = geom.tile_dim + 2
+    qbuf = torch.empty((geom.tiles, min(bq_max, len(query)), width), dtype=torch.float32, device=dev)
+    pbuf = torch.empty(geom.tiles * qbuf.shape[1] * min(br, len(ref)), dtype=torch.float32, device=dev)
+    # Candidates per query before an early exact prune: room for the k plus a block's worth of near-ties.
+    cap = 2 * k + 64
+    out_sq = torch.empty((len(query), k), dtype=torch.float64, device=dev)
+    out_idx = torch.empty((len(query), k), dtype=torch.int64, device=dev)
+    for i0 in range(0, len(query), bq_max):
+        qb = load(query, slice(i0, i0 + bq_max), geom, "query")
+        b = len(qb)
+        q = make_operand(qb, geom, center, "query", qbuf)
+
+        def exact(qi: torch.Tensor, rj: torch.Tensor, i0: int = i0) -> torch.Tensor:
+            return exact_pairs(query, qi + i0, ref, rj, geom)
+
+        cands = _Candidates(b, k, dev, exact)
+        tau = torch.full((b,), torch.inf, dtype=torch.float64, device=dev)
+        gbest = torch.empty((0, b), dtype=torch.float32, device=dev)  # the k smallest group minima so far
+        rmax = 0.0
+        for j0, r in refs:
+            sq = fast_sq(r, q, geom, pbuf)  # (m, b)
+            if exclude_self:
+                lo, hi = max(i0, j0), min(i0 + b, j0 + sq.shape[0])
+                if lo < hi:
+                    diag = torch.arange(lo, hi, device=dev)
+                    sq[diag - j0, diag - i0] = torch.inf
+            rmax = max(rmax, float(r.norm.max()))
+            band = pair_band(q.norm, torch.tensor(rmax), geom, tol)  # (b,): widest band of each query so far
+            gmin = group_min(sq)
+            # k group minima are k distinct rows, so the k-th smallest minimum (plus the band) bounds U.
+            pool = torch.cat([gbest, gmin])
+            gbest = pool if len(pool) <= k else pool.topk(k, dim=0, largest=False, sorted=False).values
+            if len(gbest) >= k:
+                tau = torch.minimum(tau, gbest.amax(0).double() + band)
+            thr = tau + band
+            thr32 = torch.where(torch.isinf(thr), _FMAX, thr * (1 + 1e-6)).to(torch.float32)
+            qi, rj = select_le(sq, thr32, gmin)
+            if len(qi):
+                f = sq[rj, qi].double()
+                b_ij = pair_band(q.norm[qi], r.norm[rj], geom, tol)
+                cands.add(qi, rj + j0, (f - b_ij).clamp_min_(0.0), f + b_ij, torch.where(b_ij == 0, f, torch.nan))
+                if cands.size > cap * b:
+                    tau = torch.minimum(tau, cands.compact(cap))
+        cands.compact(cap)
+        out_sq[i0 : i0 + b], out_idx[i0 : i0 + b] = cands.result()
+    return out_sq, out_idx

@@ -1,0 +1,109 @@
+"""Distance matrices and radius counts on top of the fast pass, exact where it matters (internal)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from diffaudit.distances._engine import (
+    ArrayLike,
+    Geometry,
+    RefBlocks,
+    center_of,
+    exact_pairs,
+    fast_sq,
+    load,
+    make_operand,
+    pair_band,
+    plan_blocks,
+    rel_tol,
+)
+from diffaudit.distances._knn import select_le
+
+
+def pairwise_matrix(
+    x: ArrayLike, y: ArrayLike, geom: Geometry, block: int, recompute_below: float, cache_bytes: int
+) -> np.ndarray:
+    """float32 (N, M) distances; entries below ``recompute_below`` or within the error band of 0 are exact.
+
+    When ``x is y`` only blocks on or above the diagonal are computed and mirrored (distances are symmetric;
+    the exact entries are symmetric bit for bit, fast ones up to float32 rounding).
+    """
+    bq, br = plan_blocks(geom, block, block)
+    symmetric = x is y
+    if symmetric:
+        bq = br = min(bq, br)  # aligned blocks, so a block and its mirror image cover the same pairs
+    dev = geom.device
+    center = center_of(y, geom, min(br, len(y)))
+    refs = RefBlocks(y, geom, center, br, cache_bytes)
+    tol = rel_tol(dev)
+    qbuf = torch.empty((geom.tiles, min(bq, len(x)), geom.tile_dim + 2), dtype=torch.float32, device=dev)
+    pbuf = torch.empty(geom.tiles * qbuf.shape[1] * min(br, len(y)), dtype=torch.float32, device=dev)
+    out = np.empty((len(x), len(y)), dtype=np.float32)
+    thr_raw = float(recompute_below) ** 2 / geom.scale
+    for i0 in range(0, len(x), bq):
+        qb = load(x, slice(i0, i0 + bq), geom, "x")
+        q = make_operand(qb, geom, center, "query", qbuf)
+        for j0, r in refs:
+            if symmetric and j0 + br <= i0:
+                continue  # filled from the mirrored block
+            sq = fast_sq(r, q, geom, pbuf)  # (m, b), reference-major
+            # Recompute what is below the threshold or within the query's error band of zero.
+            band = pair_band(q.norm, r.norm.max(), geom, tol)
+            thr = (torch.clamp_min(band, thr_raw) * (1 + 1e-6)).to(torch.float32)
+            qi, rj = select_le(sq, thr)
+            if len(qi):  # provably exact fast values need no recompute
+                inexact = pair_band(q.norm[qi], r.norm[rj], geom, tol) > 0
+                qi, rj = qi[inexact], rj[inexact]
+            sq.clamp_min_(0.0).mul_(geom.scale).sqrt_()
+            if len(qi):
+                sq[rj, qi] = exact_pairs(x, qi + i0, y, rj + j0, geom).mul_(geom.scale).sqrt_().to(torch.float32)
+            block_np = sq.cpu().numpy()
+            m, b = block_np.shape
+            out[i0 : i0 + b, j0 : j0 + m] = block_np.T
+            if symmetric and j0 > i0:
+                out[j0 : j0 + m, i0 : i0 + b] = block_np
+    return out
+
+
+def count_within(
+    query: ArrayLike,
+    ref: ArrayLike,
+    radii64: torch.Tensor,
+    geom: Geometry,
+    block_q: int,
+    block_r: int,
+    cache_bytes: int,
+) -> np.ndarray:
+    """int64 (Nq,): ref rows j with exact distance < ``radii64[j]`` (metric units); undecided pairs are exact."""
+    bq, br = plan_blocks(geom, block_q, block_r)
+    dev = geom.device
+    radii64 = radii64.to(dev)
+    radii_sq = radii64 * radii64 / geom.scale  # raw units, float64
+    center = center_of(ref, geom, min(br, len(ref)))
+    refs = RefBlocks(ref, geom, center, br, cache_bytes)
+    tol = rel_tol(dev)
+    qbuf = torch.empty((geom.tiles, min(bq, len(query)), geom.tile_dim + 2), dtype=torch.float32, device=dev)
+    pbuf = torch.empty(geom.tiles * qbuf.shape[1] * min(br, len(ref)), dtype=torch.float32, device=dev)
+    counts = torch.zeros(len(query), dtype=torch.int64, device=dev)
+    for i0 in range(0, len(query), bq):
+        qb = load(query, slice(i0, i0 + bq), geom, "query")
+        q = make_operand(qb, geom, center, "query", qbuf)
+        qmax = float(q.norm.max())
+        for j0, r in refs:
+            sq = fast_sq(r, q, geom, pbuf)  # (m, b), reference-major
+            r2 = radii_sq[j0 : j0 + sq.shape[0]]
+            # Per reference row: below `lower` is surely inside, above `upper` surely outside, in between is
+            # decided exactly. The margin also covers the float32 rounding of the squared radii themselves.
+            margin = tol * (qmax + r.norm.double()) + 1e-6 * r2
+            lower = (r2 - margin).to(torch.float32)[:, None]
+            upper = (r2 + margin).to(torch.float32)[:, None]
+            c = (sq < lower).sum(0)
+            rj, qi = torch.nonzero((sq >= lower) & (sq <= upper), as_tuple=True)
+            if len(qi):
+                e = exact_pairs(query, qi + i0, ref, rj + j0, geom)
+                # The same formula as knn_radii, so a pair exactly at a k-NN radius is consistently outside.
+                inside = (e * geom.scale).sqrt_() < radii64[j0 + rj]
+                c.index_add_(0, qi[inside], torch.ones(int(inside.sum()), dtype=c.dtype, device=dev))
+            counts[i0 : i0 + sq.shape[1]] += c
+    return counts.cpu().numpy()
