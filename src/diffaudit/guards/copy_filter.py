@@ -1,9 +1,10 @@
 """The copy filter: a block/pass decision per generated image, with its evidence.
 
 A :class:`CopyFilter` wraps a :class:`~diffaudit.guards.index.TrainingIndex` and one of its rules
-(``calibrated``, ``absolute`` or ``either``, see :mod:`diffaudit.guards.index`). Every decision carries the
-nearest training image's id and both rules' distances and thresholds, so a reviewer can see why an image was
-blocked and what the other rule would have said.
+(``calibrated``, ``absolute``, ``either``, or ``robust``: copies after resize, crop, flip and small shifts, see
+:mod:`diffaudit.guards.invariant`; ``auto`` picks ``robust`` when the index was built for it). Every decision
+carries the nearest training image's id and every rule's distances and thresholds, so a reviewer can see why an
+image was blocked and what the other rules would have said.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import ConfigError, DataError
 from diffaudit.guards.index import KEY_THRESHOLD, RULES, TrainingIndex
+from diffaudit.guards.invariant import ROBUST, combined_score, variant_index
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class Decision:
         l2_nearest_id, l2, delta: the nearest training image in normalized pixel L2, its distance, and the absolute
             threshold (blocked by it when ``l2 <= delta``).
         calibrated_blocks, absolute_blocks: what each rule alone says.
+        robust_distance, robust_variant, robust_score, robust_threshold, robust_blocks: the aligned match (nearest
+            variant's distance and name, e.g. ``flip+crop0.2@1,0``), the combined score and its threshold, and
+            what the robust rule says; None when the index has no robust calibration.
     """
 
     position: int
@@ -49,6 +54,12 @@ class Decision:
     delta: float
     calibrated_blocks: bool
     absolute_blocks: bool
+    robust_distance: float | None = None
+    robust_variant: str | None = None
+    robust_nearest_id: str | None = None
+    robust_score: float | None = None
+    robust_threshold: float | None = None
+    robust_blocks: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,16 +70,22 @@ class CopyFilter:
 
     Args:
         index: a calibrated training index.
-        rule: ``calibrated`` (default: the threshold set on held-out real images), ``absolute`` (Carlini's
-            normalized L2 <= delta) or ``either``.
+        rule: ``calibrated`` (the threshold set on held-out real images), ``absolute`` (Carlini's normalized
+            L2 <= delta), ``either``, ``robust`` (pixel path or aligned match, one calibrated threshold) or
+            ``auto`` (default: ``robust`` when the index has its calibration, else ``calibrated``).
         backend: search backend, ``exact`` or ``faiss``.
     """
 
-    def __init__(self, index: TrainingIndex, rule: str = "calibrated", backend: str = "exact") -> None:
+    def __init__(self, index: TrainingIndex, rule: str = "auto", backend: str = "exact") -> None:
         if rule not in RULES:
             raise ConfigError(f"unknown copy-filter rule {rule!r}; choose one of {', '.join(RULES)}")
         if "calibrated" not in index.calibration or "absolute" not in index.calibration:
             raise DataError("the index has no calibration; build it with diffaudit.guards.index.build_index")
+        self.robust = index.calibration.get(ROBUST)
+        if rule == "auto":
+            rule = ROBUST if self.robust is not None else "calibrated"
+        if rule == ROBUST and self.robust is None:
+            raise ConfigError("rule 'robust' needs an index built with invariant matching (guard build --invariant)")
         self.index = index
         self.rule = rule
         self.backend = backend
@@ -85,6 +102,7 @@ class CopyFilter:
             "delta": self.delta,
             "num_indexed": len(self.index),
             "calibration": self.index.calibration,
+            "robust_threshold": None if self.robust is None else float(self.robust[KEY_THRESHOLD]),
         }
 
     def check(self, images: np.ndarray | ImageSet) -> list[Decision]:
@@ -99,8 +117,28 @@ class CopyFilter:
             l2, l2_idx = self.index.pixel_l2(imageset.images, self.backend)
         cal = dist < self.threshold
         ab = l2 <= self.delta
-        blocked = {"calibrated": cal, "absolute": ab, "either": cal | ab}[self.rule]
+        rob = np.zeros(len(imageset), dtype=bool)
+        robust: dict[str, Any] = {}
+        if self.robust is not None:
+            d_rob, rob_idx, names = variant_index(self.index).search(imageset.images)
+            score = combined_score(dist, d_rob, self.robust["scales"])
+            rob = score < float(self.robust[KEY_THRESHOLD])
+            robust = {"d": d_rob, "idx": rob_idx, "names": names, "score": score}
+        blocked = {"calibrated": cal, "absolute": ab, "either": cal | ab, ROBUST: rob}[self.rule]
         ids = self.index.ids
+
+        def extra(i: int) -> dict[str, Any]:
+            if not robust:
+                return {}
+            return {
+                "robust_distance": float(robust["d"][i]),
+                "robust_variant": robust["names"][i],
+                "robust_nearest_id": str(ids[robust["idx"][i]]),
+                "robust_score": float(robust["score"][i]),
+                "robust_threshold": float(self.robust[KEY_THRESHOLD]),  # type: ignore[index]
+                "robust_blocks": bool(rob[i]),
+            }
+
         return [
             Decision(
                 position=i,
@@ -117,6 +155,7 @@ class CopyFilter:
                 delta=self.delta,
                 calibrated_blocks=bool(cal[i]),
                 absolute_blocks=bool(ab[i]),
+                **extra(i),
             )
             for i in range(len(imageset))
         ]
@@ -139,6 +178,7 @@ def check_report(copy_filter: CopyFilter, images: ImageSet) -> dict[str, Any]:
             "num_blocked": sum(d.blocked for d in decisions),
             "num_blocked_calibrated": sum(d.calibrated_blocks for d in decisions),
             "num_blocked_absolute": sum(d.absolute_blocks for d in decisions),
+            "num_blocked_robust": sum(bool(d.robust_blocks) for d in decisions),
             "ms_per_image": 1000.0 * elapsed / max(n, 1),
         },
         "decisions": [d.to_json() for d in decisions],

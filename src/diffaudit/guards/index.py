@@ -43,8 +43,10 @@ INDEX_FORMAT = 1
 FEATURES = ("pixels", "classifier")
 #: Pixel metrics for ``features="pixels"`` (``classifier`` features always use Euclidean distance).
 PIXEL_METRICS = ("l2", "tiled")
-#: Blocking rules; ``either`` blocks when one of the two fires.
-RULES = ("calibrated", "absolute", "either")
+#: Blocking rules; ``either`` blocks when one of the first two fires; ``robust`` (pixel path or crop/flip/shift
+#: aligned match, one calibrated threshold) needs an index built with ``invariant``; ``auto`` is ``robust`` when
+#: the index has it, else ``calibrated``.
+RULES = ("calibrated", "absolute", "either", "robust", "auto")
 BACKENDS = ("exact", "faiss")
 #: Carlini et al.'s extraction threshold on normalized L2 (pixels in [0, 1]).
 CARLINI_DELTA = 0.15
@@ -136,6 +138,7 @@ class TrainingIndex:
     calibration: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     _extractor: Any = field(default=None, repr=False)
+    _variants: Any = field(default=None, repr=False)  # the robust rule's VariantIndex, built on first use
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -306,6 +309,7 @@ def build_index(
     delta: float = CARLINI_DELTA,
     seed: int = 0,
     backend: str = "exact",
+    invariant: Any = None,
 ) -> TrainingIndex:
     """Index ``data`` and calibrate both blocking rules on held-out real images.
 
@@ -317,6 +321,8 @@ def build_index(
         target_fpr: the calibrated rule's target false-block rate on held-out real images.
         delta: the absolute rule's normalized-L2 threshold (Carlini et al.: 0.15).
         seed: holdout split and classifier seed.
+        invariant: an :class:`~diffaudit.guards.invariant.InvariantConfig` to also calibrate the ``robust`` rule
+            (copies after resize, crop, flip and small shifts; see :mod:`diffaudit.guards.invariant`).
 
     Returns a :class:`TrainingIndex` whose ``calibration`` records, for each rule, its threshold and the
     false-block rate it achieves on the held-out images, and quantiles of the held-out distances.
@@ -376,6 +382,10 @@ def build_index(
             KEY_HOLDOUT_QUANTILES: _quantiles(l2),
         },
     }
+    if invariant is not None:
+        from diffaudit.guards.invariant import ROBUST, calibrate_robust
+
+        index.calibration[ROBUST] = calibrate_robust(index, holdout.images, dist, target_fpr, invariant)
     return index
 
 
