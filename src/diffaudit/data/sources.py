@@ -32,6 +32,7 @@ class SourceOptions:
     skip_bad: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     extra: dict[str, object] = field(default_factory=dict)
+    dedup: float | None = None  # remove near-duplicates within this normalized L2 (diffaudit.data.dedup), last
 
 
 def known_sources() -> list[str]:
@@ -106,5 +107,10 @@ def load_source_with_info(spec: str, opts: SourceOptions) -> tuple[ImageSet, dic
         if opts.subset < len(data):
             order = np.random.default_rng(opts.seed).permutation(len(data))[: opts.subset]
             data = data.subset(np.sort(order))
+    if opts.dedup is not None:
+        from diffaudit.data.dedup import deduplicate
+
+        data, record = deduplicate(data, opts.dedup)
+        info["dedup"] = {k: v for k, v in record.items() if k != "removed"}
     info["num_images"] = len(data)
     return data, info
