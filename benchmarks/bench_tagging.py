@@ -16,14 +16,8 @@ import numpy as np
 from PIL import Image
 
 from diffaudit.guards.perturb import DEFAULT_PERTURBATIONS
-from diffaudit.guards.tagging import (
-    KNOWN_TAGS,
-    DwtDctTagger,
-    SpreadSpectrumTagger,
-    detect_known_tags,
-    evaluate_tagger,
-    min_bit_accuracy,
-)
+from diffaudit.guards.tagging import SpreadSpectrumTagger, evaluate_tagger
+from diffaudit.guards.tags_dwt import KNOWN_TAGS, DwtDctTagger, detect_known_tags, min_bit_accuracy
 from diffaudit.io import atomic_write_json
 
 COLOUR_PICTURES = (

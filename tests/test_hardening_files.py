@@ -11,7 +11,7 @@ from PIL import Image
 
 from diffaudit.data.folder import list_image_files, open_image, read_folder
 from diffaudit.errors import CheckpointError, ConfigError, DataError, OutputError
-from diffaudit.guards.tagging import detect_known_tags
+from diffaudit.guards.tags_dwt import detect_known_tags
 from diffaudit.io import atomic_write_text, read_json, remove_stale_temps
 from diffaudit.models import checkpoint as ckpt
 from diffaudit.models.config import ModelConfig

@@ -84,7 +84,7 @@ def test_missing_component_and_bad_dtype_are_named(pipe_dir: Path, tmp_path: Pat
 def test_sd_v1_watermark_on_and_off(tmp_path: Path) -> None:
     """``sample --watermark sd-v1`` writes Stable Diffusion v1's dwtDct tag (images of >= 256 px only)."""
     from diffaudit.config import SampleConfig
-    from diffaudit.guards.tagging import DwtDctTagger
+    from diffaudit.guards.tags_dwt import DwtDctTagger
     from diffaudit.sampling import SampleRunConfig, generate
 
     cfg = TinyPipelineConfig(resolution=256, unet_channels=(4, 8), vae_channels=(4, 4, 4, 4))

@@ -13,7 +13,7 @@ from diffaudit.cli import app
 from diffaudit.data.imageset import ImageSet
 from diffaudit.data.sources import load_source
 from diffaudit.errors import ConfigError
-from diffaudit.guards.tagging import DwtDctTagger
+from diffaudit.guards.tags_dwt import DwtDctTagger
 
 runner = CliRunner()
 

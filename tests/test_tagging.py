@@ -21,14 +21,12 @@ from diffaudit.guards.tagging import (
     KEY_PERTURBED,
     KEY_PSNR_MEAN,
     KEY_TPR,
-    DwtDctTagger,
     SpreadSpectrumTagger,
-    detect_known_tags,
     evaluate_tagger,
     get_tagger,
-    min_bit_accuracy,
     psnr,
 )
+from diffaudit.guards.tags_dwt import DwtDctTagger, detect_known_tags, min_bit_accuracy
 
 
 @pytest.fixture(scope="module")

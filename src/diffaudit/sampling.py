@@ -140,7 +140,7 @@ def generate(
             gen, labels, seeds, options, copy_filter, max_retries=cfg.guard_retries, show_progress=show_progress
         )
     if cfg.watermark != "none" and len(images):
-        from diffaudit.guards.tagging import DwtDctTagger
+        from diffaudit.guards.tags_dwt import DwtDctTagger
 
         images = ImageSet(
             DwtDctTagger(cfg.watermark).embed(images.images),

@@ -58,7 +58,8 @@ def detector_from_options(
 
 def make_tagger(name: str, key: int | None, amplitude: float | None, preset: str) -> Any:
     """A tagger from CLI options: spread-spectrum needs ``--key``; dwtdct takes ``--preset``."""
-    from diffaudit.guards.tagging import DwtDctTagger, SpreadSpectrumTagger, get_tagger
+    from diffaudit.guards.tagging import SpreadSpectrumTagger, get_tagger
+    from diffaudit.guards.tags_dwt import DwtDctTagger
 
     if name == SpreadSpectrumTagger.name:
         if key is None:
@@ -121,7 +122,7 @@ def register(app: typer.Typer) -> None:
         """Score images for a tag, or for being generated without one (--method), with a threshold calibrated on
         real images; or scan a folder for public models' tags."""
         from diffaudit.data.imageset import ImageSet
-        from diffaudit.guards.tagging import KNOWN_TAG_FALSE_ALARM, DwtDctTagger, detect_known_tags, min_bit_accuracy
+        from diffaudit.guards.tags_dwt import KNOWN_TAG_FALSE_ALARM, DwtDctTagger, detect_known_tags, min_bit_accuracy
         from diffaudit.io import atomic_write_json
 
         if method is not None or detector is not None:
