@@ -190,8 +190,13 @@ def train(
     and noise are drawn on the CPU either way, so a seed selects the same training run on every device.
     """
     from diffaudit.device import describe_device, resolve_device
+    from diffaudit.scale import ddp
 
-    dev = resolve_device(device)
+    # Under torchrun / accelerate launch: one rank of a data-parallel job (see diffaudit.scale.ddp); else None.
+    dist_ctx, dev = ddp.init_distributed(resolve_device(device))
+    writer = dist_ctx is None or dist_ctx.is_writer
+    if dist_ctx is not None:
+        ddp.barrier()  # rank 0 has opened (on resume: cleaned) the run before any rank reads its checkpoint
     validate_preset(preset)
     tcfg = preset.train
     torch.manual_seed(tcfg.seed)  # only parameter initialisation uses the global generator
@@ -202,27 +207,43 @@ def train(
         model, init_meta = DiffusionModel(model_config_for(preset, data)).to(dev), None
     check_compatible(model, data)
     run.update_manifest(device=describe_device(dev))
+    if dist_ctx is not None:
+        run.update_manifest(
+            data_parallel={"world_size": dist_ctx.world, "backend": "nccl" if dev.type == "cuda" else "gloo"}
+        )
     ema = EMA(model.unet, tcfg.ema_decay)
     opt = torch.optim.AdamW(model.unet.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     start, (loss_sum, loss_count) = load_checkpoint(run, model, ema, opt) if run.resume else (0, (0.0, 0))
     if run.resume:
         # Rows after the checkpoint are logged again below; a killed final save is finished or undone.
         run.truncate_metrics(start)
-        recover_model_dir(run.file("model"))
+        if writer:
+            recover_model_dir(run.file("model"))
     model.train()
 
     images = data.to_model_tensor().to(dev)
     labels = torch.from_numpy(data.labels).to(dev) if model.config.conditional else None
     t_last, n_since = time.perf_counter(), 0
-    with progress_bar(f"train {run.path.name}", total=tcfg.steps, completed=start, enabled=show_progress) as bar:
+    with progress_bar(
+        f"train {run.path.name}", total=tcfg.steps, completed=start, enabled=show_progress and writer
+    ) as bar:
         for step in range(start, tcfg.steps):
             gen = torch.Generator().manual_seed(_step_seed(tcfg.seed, step))
             idx = torch.from_numpy(batch_indices(len(data), tcfg.batch_size, step, tcfg.seed)).to(dev)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, tcfg.lr, tcfg.warmup_steps)
-            loss = model.loss(images[idx], None if labels is None else labels[idx], gen, tcfg.cond_drop_prob)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if dist_ctx is None:
+                loss = model.loss(images[idx], None if labels is None else labels[idx], gen, tcfg.cond_drop_prob)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            else:  # this rank's slice of the global batch; gradients summed over ranks = one process's
+                loss, slice_sum = ddp.global_batch_loss(
+                    model, images[idx], None if labels is None else labels[idx], gen, tcfg.cond_drop_prob, dist_ctx
+                )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                ddp.allreduce_gradients(list(model.unet.parameters()))
+                loss = torch.tensor(ddp.allreduce_sum(slice_sum) / tcfg.batch_size)
             if tcfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.unet.parameters(), tcfg.grad_clip)
             opt.step()
@@ -245,11 +266,15 @@ def train(
                 t_last, n_since, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
             else:
                 bar.update(completed=done)
-            if done % tcfg.checkpoint_every == 0 and done < tcfg.steps:
+            if writer and done % tcfg.checkpoint_every == 0 and done < tcfg.steps:
                 save_checkpoint(run, done, model, ema, opt, (loss_sum, loss_count))
             crash_point(f"train:step-{done}")
             if callback is not None:
                 callback(done, loss_value)
+    if not writer:  # rank 0 saves; the others wait for it and return its model id
+        model_id = ddp.broadcast_str(None)
+        ddp.barrier()
+        return model_id
     model_id = save_model(
         model,
         run.file("model"),
@@ -264,4 +289,7 @@ def train(
     )
     save_checkpoint(run, tcfg.steps, model, ema, opt)
     run.update_manifest(model_id=model_id)
+    if dist_ctx is not None:
+        ddp.broadcast_str(model_id)
+        ddp.barrier()
     return model_id

@@ -30,15 +30,18 @@ def register(app: typer.Typer) -> None:
             return
         from diffaudit.data.grid import save_grid
         from diffaudit.data.loading import load_data
-        from diffaudit.runs import RunDir
+        from diffaudit.scale.ddp import open_train_run, world_from_env
         from diffaudit.train import train as train_model
 
         images, info = load_data(cfg.data)
-        with RunDir(out, kind="train", resume=resume) as run:
+        ctx = world_from_env()  # under torchrun / accelerate launch: only rank 0 writes
+        with open_train_run(out, resume) as run:
             run.write_config(resolved | {"data_info": info})
             if "canaries" in info:
                 run.update_manifest(canaries=info["canaries"])
             model_id = train_model(cfg, images, run, init=init)
+            if ctx is not None and not ctx.is_writer:
+                return
             if grid_images > 0:
                 from diffaudit.generators.classcond import ClassCondGenerator
                 from diffaudit.generators.select import parse_labels
