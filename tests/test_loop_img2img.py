@@ -51,10 +51,9 @@ def test_split_is_exact_seeded_and_spares_heldout_classes():
     assert set(other.ids) != set(orig.ids)  # each generation re-renders its own choice
     _, full = img2img_split(real, MixSpec("fully-synthetic", 60, 1.0), 1, seed=3, holdout_classes=(3,))
     assert len(full) == 60 and not np.isin(full.labels, [3]).any()
-    with pytest.raises(ConfigError, match="accumulate"):
-        img2img_split(real, MixSpec("accumulate", 60, 0.25), 1, seed=3)
-    with pytest.raises(ConfigError, match="accumulate"):
-        _cfg(mode="accumulate").validate()
+    # accumulate keeps every real image of the subset; the re-renderings come on top.
+    acc_kept, acc_orig = img2img_split(real, MixSpec("accumulate", 60, 0.25), 1, seed=3, holdout_classes=(3,))
+    assert len(acc_kept) == 60 and len(acc_orig) == 15 and set(acc_orig.ids) <= set(acc_kept.ids)
     with pytest.raises(ConfigError, match="strength"):
         _cfg(strength=0.0).validate()
 

@@ -37,6 +37,24 @@ from diffaudit.generators.schedulers import img2img_timesteps, make_scheduler, t
 from diffaudit.progress import progress_bar
 
 
+#: Names accepted by :func:`guidance_scales`.
+GUIDANCE_SCHEDULES = ("constant", "linear")
+
+
+def guidance_scales(w: float, num_steps: int, schedule: str = "constant") -> list[float]:
+    """Guidance scale of each of ``num_steps`` sampling steps (first = noisiest).
+
+    ``constant``: ``w`` at every step. ``linear``: rising linearly from 1 (no guidance) at the first step to
+    ``2w - 1`` at the last, so the mean over the steps is ``w``: the increasing schedule Wang et al. (2024) found
+    best, used by ReDiFine-style CFG scheduling to keep early (layout-setting) steps diverse.
+    """
+    if schedule not in GUIDANCE_SCHEDULES:
+        raise ConfigError(f"guidance schedule {schedule!r} is not one of {list(GUIDANCE_SCHEDULES)}")
+    if schedule == "constant" or num_steps < 2:
+        return [float(w)] * num_steps
+    return [1.0 + (float(w) - 1.0) * 2.0 * i / (num_steps - 1) for i in range(num_steps)]
+
+
 class DenoisingGenerator:
     """Shared sampling, loss and guidance-gap logic over the hooks listed in the module docstring."""
 
@@ -97,6 +115,7 @@ class DenoisingGenerator:
         num_steps: int,
         guidance_scale: float,
         temperature: float,
+        guidance_schedule: str = "constant",
     ) -> torch.Tensor:
         dev = self.device
         sched = make_scheduler(sampler, self.scheduler_config, num_steps, self.pixel_space)
@@ -116,9 +135,10 @@ class DenoisingGenerator:
         lab = torch.from_numpy(labels).to(dev)
         cond = self._condition(lab)
         null = self._condition(torch.full_like(lab, NULL_CONDITION)) if self.conditional else cond
-        for t in timesteps:
+        scales = guidance_scales(guidance_scale, len(timesteps), guidance_schedule)
+        for t, w in zip(timesteps, scales, strict=True):
             tt = torch.full((z.shape[0],), int(t), dtype=torch.long, device=dev)
-            eps = self._guided(sched.scale_model_input(z, t), tt, cond, null, guidance_scale)
+            eps = self._guided(sched.scale_model_input(z, t), tt, cond, null, w)
             if sampler == "ddpm":
                 states = [g.get_state() for g in generators]
                 z_prev = sched.step(eps, t, z, generator=generators).prev_sample
@@ -150,8 +170,11 @@ class DenoisingGenerator:
         batch_size: int = 64,
         generation: int = -1,
         show_progress: bool = False,
+        guidance_schedule: str = "constant",
     ) -> ImageSet:
         """Generate one image per ``(labels[i], seeds[i])``; a uint8 ImageSet with provenance.
+
+        ``guidance_schedule`` ``"linear"`` varies the guidance over the steps (:func:`guidance_scales`).
 
         ``labels`` ``int64 (N,)`` index :attr:`conditions` (-1: null). ``init`` ``uint8 (N, C, H, W)`` switches to
         image-to-image at ``strength`` in (0, 1] (1 = from pure noise). ``temperature`` scales the initial and the
@@ -185,6 +208,7 @@ class DenoisingGenerator:
                     num_steps,
                     guidance_scale,
                     temperature,
+                    guidance_schedule,
                 )
                 chunks.append(to_uint8(x))
                 bar.update(completed=stop)

@@ -13,7 +13,7 @@ from typing import Any
 
 from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import ConfigError
-from diffaudit.loop.mixing import ACCUMULATE, MODES, MixSpec
+from diffaudit.loop.mixing import MODES, MixSpec
 
 # ---- row keys ---------------------------------------------------------------------------------------------
 KEY_ARM = "arm"
@@ -51,6 +51,8 @@ BACKENDS = (DIFFUSION, GAUSSIAN, GMM, PIPELINE)
 #: re-renderings (by the current model, from their own conditions) of the real images they replace.
 MIX_POOL, MIX_IMG2IMG = "pool", "img2img"
 MIX_SOURCES = (MIX_POOL, MIX_IMG2IMG)
+#: Guidance over the sampling steps: the same scale at every step, or rising linearly (see generators.denoising).
+GUIDANCE_SCHEDULES = ("constant", "linear")
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,15 @@ class LoopConfig:
     lora_rank: int = 0  # pipeline backend: 0 = full U-Net fine-tuning, > 0 = LoRA of that rank
     learning_rate: float = 1e-5  # pipeline backend fine-tuning rate
     batch_size: int = 4  # pipeline backend fine-tuning batch
+    # ---- Bohacek & Farid's protocol (bohacek-farid preset) and the mitigations (loop/mitigations.py) ----
+    pretrain_steps: int = 0  # > 0: generation 0 pre-trains on the real images outside its fine-tuning set first
+    heldout_finetune: bool = True  # False: held-out conditions get no images in any fine-tuning set (the paper)
+    finetune_budget: float = 0.0  # > 0: steps per generation = budget x (pretrain_steps or base_steps)
+    finetune_warmup: int | None = None  # warm-up steps of generations >= 1 (None: the trainer's own)
+    finetune_cond_drop: float | None = None  # condition dropout of generations >= 1 (ReDiFine; None: trainer's)
+    guidance_schedule: str = "constant"  # or "linear": guidance rising from 1 to 2w-1 over the steps (mean w)
+    self_correct_strength: float = 0.0  # > 0: generation 0's model re-renders each synthetic image at this strength
+    clip_model: str = ""  # a local CLIP directory: text alignment (CLIP score) of pipeline samples
 
     def mix_spec(self) -> MixSpec:
         return MixSpec(self.mode, self.train_size, self.synthetic_share, self.synthetic_count)
@@ -125,11 +136,26 @@ class LoopConfig:
         if self.mix_source == MIX_IMG2IMG:
             if not 0.0 < float(self.strength) <= 1.0:
                 raise ConfigError(f"strength={self.strength!r} must be in (0, 1]")
-            if self.mode == ACCUMULATE:
-                raise ConfigError(
-                    "mix_source='img2img' re-renders the real images it replaces; use mode replace, "
-                    "fresh or fully-synthetic (accumulate keeps every real image)"
-                )
+        if not isinstance(self.heldout_finetune, bool):
+            raise ConfigError(f"heldout_finetune={self.heldout_finetune!r} must be true or false")
+        if not self.heldout_finetune and not self.holdout_classes:
+            raise ConfigError("heldout_finetune=False needs holdout_classes (the conditions without fine-tuning data)")
+        if not isinstance(self.pretrain_steps, int) or self.pretrain_steps < 0:
+            raise ConfigError(f"pretrain_steps={self.pretrain_steps!r} must be a non-negative integer")
+        if self.pretrain_steps and (self.backend == PIPELINE or self.retrain != "finetune"):
+            raise ConfigError("pretrain_steps applies to fine-tuned class or analytic models (not pipelines/scratch)")
+        if not 0.0 <= float(self.finetune_budget) <= 10.0:
+            raise ConfigError(f"finetune_budget={self.finetune_budget!r} must be in [0, 10] (a share of base training)")
+        if self.finetune_warmup is not None and (not isinstance(self.finetune_warmup, int) or self.finetune_warmup < 0):
+            raise ConfigError(f"finetune_warmup={self.finetune_warmup!r} must be a non-negative integer or null")
+        if self.finetune_cond_drop is not None and not 0.0 <= float(self.finetune_cond_drop) <= 1.0:
+            raise ConfigError(f"finetune_cond_drop={self.finetune_cond_drop!r} must be in [0, 1] or null")
+        if self.guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ConfigError(f"guidance_schedule={self.guidance_schedule!r} is not one of {list(GUIDANCE_SCHEDULES)}")
+        if self.guidance_schedule != "constant" and self.backend in (GAUSSIAN, GMM):
+            raise ConfigError("guidance_schedule applies to diffusion models (analytic samples are exact draws)")
+        if not 0.0 <= float(self.self_correct_strength) <= 1.0:
+            raise ConfigError(f"self_correct_strength={self.self_correct_strength!r} must be in [0, 1]")
         if self.backend == PIPELINE:
             if not self.model:
                 raise ConfigError("the pipeline backend needs model=PIPELINE_DIR (--model)")
@@ -144,6 +170,13 @@ class LoopConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def finetune_steps(self) -> int:
+        """Fine-tuning steps of generations >= 1: ``finetune_budget`` x the base training, else the fixed count."""
+        if self.finetune_budget > 0:
+            return max(1, round(float(self.finetune_budget) * (self.pretrain_steps or self.base_steps)))
+        return self.steps_per_generation
 
     @property
     def num_generations(self) -> int:

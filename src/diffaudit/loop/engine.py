@@ -58,10 +58,11 @@ from diffaudit.loop.config import (
     LoopHooks,
 )
 from diffaudit.loop.evaluate import Evaluator
-from diffaudit.loop.mixing import img2img_split, mix_generation, mix_summary
+from diffaudit.loop.mixing import ACCUMULATE, eligible, img2img_split, mix_generation, mix_summary
 from diffaudit.loop.models import LoopModels, make_models
 from diffaudit.loop.plan import (
     IMG2IMG_SEED_START,
+    SELF_CORRECT_SEED_START,
     drift_requests,
     extra_samples,
     heldout_conditions,
@@ -85,6 +86,33 @@ class GenerationInputs:
     num_samples: int
     evaluator: Evaluator
     hooks: LoopHooks
+    #: The real images fine-tuning sets are drawn from (``real`` minus the held-out conditions when
+    #: ``heldout_finetune`` is False); None: ``real``.
+    finetune_real: ImageSet | None = None
+    #: Generation 0's model (the self-correction projector), set once generation 0 exists.
+    base_model: Any = None
+    #: Accumulate + img2img: the synthetic images of the previous poisoning generation's training set.
+    accumulated: ImageSet | None = None
+    #: The training set of the generation just computed (None when it was loaded from disk).
+    last_train: ImageSet | None = None
+
+    @property
+    def pool(self) -> ImageSet:
+        return self.real if self.finetune_real is None else self.finetune_real
+
+
+def self_correct(x: GenerationInputs, syn: ImageSet, generation: int) -> ImageSet:
+    """``syn`` projected towards the data manifold: re-rendered by generation 0's model at low strength.
+
+    After Gillman et al. (2024): each synthetic image is corrected by a model of the real data before it is
+    retrained on; an image-to-image pass of the base model is the correction here (seeds of their own range).
+    Provenance keeps the generation that made the content.
+    """
+    if len(syn) == 0:
+        return syn
+    seeds = seeds_for(x.seed, generation, len(syn), SELF_CORRECT_SEED_START)
+    s = float(x.cfg.self_correct_strength)
+    return x.models.sample(x.base_model, syn.labels, seeds, generation - 1, init=syn.images, strength=s)
 
 
 def _img2img_mix(
@@ -96,19 +124,25 @@ def _img2img_mix(
     the map links every synthetic image id to the id of the real image it replaces.
     """
     cfg = x.cfg
-    kept, originals = img2img_split(x.real, cfg.mix_spec(), generation, x.seed, holdout, heldout_real=cfg.heldout_real)
+    kept, originals = img2img_split(x.pool, cfg.mix_spec(), generation, x.seed, holdout, heldout_real=cfg.heldout_real)
     seeds = seeds_for(x.seed, generation, len(originals), IMG2IMG_SEED_START)
     syn = x.models.sample(
         prev, originals.labels, seeds, generation - 1, init=originals.images, strength=float(cfg.strength)
     )
+    info: dict[str, Any] = {"strength": float(cfg.strength), "made_by": prev.model_id, "generation": generation - 1}
+    if cfg.self_correct_strength > 0:
+        syn = self_correct(x, syn, generation)
+        info["corrected_by"] = {"model_id": x.base_model.model_id, "strength": float(cfg.self_correct_strength)}
     if x.hooks.tag_fn is not None:
         syn = x.hooks.tag_fn(syn, generation - 1)
-    pairs = [
+    info["pairs"] = [
         {"id": str(s), "init_id": str(r), "seed": int(sd), "label": int(lab)}
         for s, r, sd, lab in zip(syn.ids, originals.ids, seeds, originals.labels, strict=True)
     ]
-    info = {"strength": float(cfg.strength), "made_by": prev.model_id, "generation": generation - 1, "pairs": pairs}
-    return ImageSet.concat([kept, syn]), info
+    parts = [kept, syn]
+    if cfg.mode == ACCUMULATE and x.accumulated is not None:
+        parts = [kept, x.accumulated, syn]  # every earlier re-rendering stays (Gerstgrasser's accumulate)
+    return ImageSet.concat(parts), info
 
 
 def run_generation(
@@ -133,13 +167,22 @@ def run_generation(
         mixed, img2img = _img2img_mix(x, prev_model, generation, holdout)
     else:
         mixed = mix_generation(
-            real, pools, cfg.mix_spec(), generation, seed, holdout,
+            x.pool, pools, cfg.mix_spec(), generation, seed, holdout,
             synthetic=phase == PHASE_POISON, heldout_real=cfg.heldout_real,
         )  # fmt: skip
+        if phase == PHASE_POISON and cfg.self_correct_strength > 0:
+            syn = mixed.provenance["synthetic"]
+            corrected = self_correct(x, mixed.subset(np.flatnonzero(syn)), generation)
+            mixed = ImageSet.concat([mixed.subset(np.flatnonzero(~syn)), corrected])
+    pretrain = None
+    if generation == 0 and cfg.pretrain_steps > 0:
+        # The base model's pre-training data: every real image outside generation 0's fine-tuning set.
+        pretrain = real.subset(np.flatnonzero(~np.isin(real.ids, mixed.ids)))
     filter_report = None
     if x.hooks.filter_fn is not None and phase == PHASE_POISON:
         mixed, filter_report = x.hooks.filter_fn(mixed, generation)
-    model = x.models.fit(mixed, prev_model, generation, seed * 1_000 + generation, workdir)
+    x.last_train = mixed
+    model = x.models.fit(mixed, prev_model, generation, seed * 1_000 + generation, workdir, pretrain=pretrain)
     # The evaluation seeds come first, so every arm scores the same seeds whatever its extra samples.
     seeds = seeds_for(seed, generation, x.num_samples + num_extra)
     labels = sample_labels(cfg, real, x.num_samples, num_extra)
@@ -155,9 +198,12 @@ def run_generation(
         "samples_evaluated": x.num_samples,
         "samples_extra": num_extra,
         **mix_summary(mixed, holdout),
+        "train_steps": cfg.base_steps if generation == 0 else cfg.finetune_steps,
         **x.models.stats(model),
         **x.evaluator(evaluated),
     }
+    if pretrain is not None:
+        row |= {"pretrain_images": len(pretrain), "pretrain_steps": cfg.pretrain_steps}
     if cfg.mix_source == MIX_IMG2IMG:
         row |= {KEY_MIX_SOURCE: MIX_IMG2IMG, "img2img_strength": float(cfg.strength)}
     drift = None
@@ -241,8 +287,13 @@ def run_repeat(
     extras = [extra_samples(cfg, real, n, g) for g in range(cfg.num_generations)]
     if base_extra is not None:
         extras[0] = base_extra
-    evaluator = evaluator or Evaluator(real, cfg.features, heldout_conditions(cfg, real), cfg.num_bootstrap, seed)
+    evaluator = evaluator or Evaluator(
+        real, cfg.features, heldout_conditions(cfg, real), cfg.num_bootstrap, seed, cfg.clip_model
+    )
     x = GenerationInputs(cfg, models, real, seed, n, evaluator, hooks)
+    if not cfg.heldout_finetune:
+        x.finetune_real = eligible(real, heldout_conditions(cfg, real))
+    accumulate_img2img = cfg.mode == ACCUMULATE and cfg.mix_source == MIX_IMG2IMG
     tmp = None
     if root is None and cfg.backend not in (GAUSSIAN, GMM):
         tmp = tempfile.TemporaryDirectory(prefix="diffaudit-loop-")
@@ -253,6 +304,7 @@ def run_repeat(
         model: Any = None
         drift_ref: ImageSet | None = None
         for g in range(cfg.num_generations):
+            x.last_train = None
             if g == 0 and base is not None:
                 model, samples, row, drift = base
             else:
@@ -267,6 +319,12 @@ def run_repeat(
                     model, samples, row, drift = run_persisted(where, g, models, real.class_names, compute)
             if g == 0:
                 drift_ref = drift
+                x.base_model = model
+            if accumulate_img2img and cfg.phase(g) == PHASE_POISON:
+                train = x.last_train
+                if train is None and root is not None:  # loaded from disk: its training set is there too
+                    train = ImageSet.load(root / arm / f"gen-{g:03d}" / TRAIN_FILE)
+                x.accumulated = train.subset(np.flatnonzero(train.provenance["synthetic"]))
             row = {KEY_ARM: arm, KEY_REPEAT: repeat, **row}
             pools.append(samples)
             rows.append(row)

@@ -23,15 +23,53 @@ class Evaluator:
     extra prompts) have no reference distribution: their group is measured by drift only.
     """
 
-    def __init__(self, real: ImageSet, features: str, holdout: Sequence[int], num_bootstrap: int, seed: int) -> None:
+    def __init__(
+        self,
+        real: ImageSet,
+        features: str,
+        holdout: Sequence[int],
+        num_bootstrap: int,
+        seed: int,
+        clip_model: str = "",
+    ) -> None:
         self.real, self.features, self.holdout = real, features, tuple(int(c) for c in holdout)
         self.num_bootstrap, self.seed = num_bootstrap, seed
+        self.clip_model = str(clip_model or "")
         self._extractor: Any = None
         self._ref_feats: np.ndarray | None = None
+        self._clip: Any = None
 
     def share(self, other: Evaluator) -> None:
-        """Use ``other``'s extractor (one per experiment, built on first use)."""
+        """Use ``other``'s extractor and CLIP model (one per experiment, built on first use)."""
         self._extractor, self._ref_feats = other._extractor, other._ref_feats
+        if other.clip_model == self.clip_model:
+            self._clip = other._clip
+
+    def alignment(self, samples: ImageSet) -> dict[str, float]:
+        """``<group>/alignment``: CLIP score with ``clip_model``, else the classifier's accuracy on the intended
+        class (class models with ``classifier`` features); {} when neither applies (:mod:`.alignment`)."""
+        from diffaudit.loop.alignment import ALIGNMENT_KEY, ClipScorer, class_alignment
+
+        if not samples.is_labelled or len(samples) == 0:
+            return {}
+        if self.clip_model:
+            if self._clip is None:
+                self._clip = ClipScorer(self.clip_model)
+            names = samples.class_names
+            values = self._clip(samples.images, [names[int(c)] for c in samples.labels])
+        elif self.features == "classifier":
+            self._setup()
+            ok = class_alignment(self._extractor, samples.images, samples.labels)
+            if ok is None:
+                return {}
+            values = ok.astype(np.float64)
+        else:
+            return {}
+        return {
+            f"{group}/{ALIGNMENT_KEY}": float(values[mask].mean())
+            for group, mask in self.groups(samples.labels).items()
+            if mask.any()
+        }
 
     def _setup(self) -> None:
         if self._extractor is None:
@@ -56,7 +94,7 @@ class Evaluator:
 
     def __call__(self, samples: ImageSet) -> dict[str, Any]:
         if self.features == "none":
-            return {}
+            return self.alignment(samples)
         from diffaudit.metrics.distribution import compute_metrics
 
         self._setup()
@@ -75,7 +113,7 @@ class Evaluator:
             for key, (lo, hi) in res.get("ci", {}).items():
                 if key in ROW_METRICS:
                     row[f"{group}/{key}_ci"] = [lo, hi]
-        return row
+        return row | self.alignment(samples)
 
     def drift(self, images: ImageSet, reference: ImageSet) -> dict[str, float]:
         """Mean per-image RMS pixel distance (uint8 levels / 255) between fixed-seed images and generation 0's.

@@ -52,6 +52,10 @@ BASE_FIELDS = (
     "data",
     "prompts",
     "dtype",
+    "pretrain_steps",
+    "heldout_finetune",
+    "guidance_schedule",
+    "clip_model",
 )
 
 
@@ -130,7 +134,7 @@ def run_experiment(
     first_models = next(iter(models.values()))
     total = first.repeats * sum(cfg.num_generations for cfg in exp.arms.values())
     with RunDir(out, kind="loop", resume=resume) as run:
-        evaluator0 = Evaluator(real, first.features, (), first.num_bootstrap, first.seed)
+        evaluator0 = Evaluator(real, first.features, (), first.num_bootstrap, first.seed, first.clip_model)
         run.write_config(
             exp.to_dict()
             | {
@@ -159,7 +163,9 @@ def run_experiment(
                 seed = first.seed + rep
                 base = None
                 for name, cfg in exp.arms.items():
-                    evaluator = Evaluator(real, cfg.features, heldout_conditions(cfg, real), cfg.num_bootstrap, seed)
+                    evaluator = Evaluator(
+                        real, cfg.features, heldout_conditions(cfg, real), cfg.num_bootstrap, seed, cfg.clip_model
+                    )
                     evaluator.share(evaluator0)  # one extractor for the whole experiment
 
                     def on_row(row: dict[str, Any], name: str = name) -> None:

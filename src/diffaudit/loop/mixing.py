@@ -176,12 +176,11 @@ def img2img_split(
 
     The training set is the generation's real subset (fixed, or drawn anew in ``fresh`` mode) in which exactly
     ``n_syn`` images of retrained classes are replaced by re-renderings of themselves (``fully-synthetic``: all
-    of them, drawn from the retrained classes only), so the synthetic share is exact. Seeded by
+    of them, drawn from the retrained classes only), so the synthetic share is exact. ``accumulate`` keeps every
+    real image (``kept`` is the whole subset) and adds the re-renderings. Seeded by
     ``(seed, generation)``: a pure function of its arguments.
     """
     spec.validate()
-    if spec.mode == ACCUMULATE:
-        raise ConfigError("image-to-image mixing replaces real images; it does not apply to mode 'accumulate'")
     if not heldout_real:
         if not len(holdout_classes):
             raise ConfigError("heldout_real=False needs holdout_classes (which classes to leave out)")
@@ -199,5 +198,6 @@ def img2img_split(
             f"the training subset holds {candidates.size}"
         )
     chosen = np.sort(_rng(seed, generation, 3).choice(candidates, n_syn, replace=False))
-    kept = np.setdiff1d(np.arange(len(base)), chosen)
+    # accumulate keeps every real image: the re-renderings come on top (and stay in later generations).
+    kept = np.arange(len(base)) if spec.mode == ACCUMULATE else np.setdiff1d(np.arange(len(base)), chosen)
     return base.subset(kept), base.subset(chosen)

@@ -12,6 +12,7 @@ One code path for every family: a :class:`~diffaudit.generators.base.Trainer` fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -26,19 +27,46 @@ from diffaudit.loop.config import DIFFUSION, GAUSSIAN, GMM, MODEL_DIR, MODEL_REF
 class LoopModels:
     """Trainer, sampling options and persistence of one arm's generators (built by :func:`make_models`)."""
 
-    def __init__(self, cfg: LoopConfig, trainer: Trainer, options: dict[str, Any], device: str | None = None):
+    def __init__(
+        self,
+        cfg: LoopConfig,
+        trainer: Trainer,
+        options: dict[str, Any],
+        device: str | None = None,
+        finetune_trainer: Trainer | None = None,
+    ):
         self.cfg, self.trainer, self.options, self.device = cfg, trainer, dict(options), device
+        #: Trainer of generations >= 1 (its own warm-up / condition dropout); the base trainer when not set.
+        self.finetune_trainer = finetune_trainer or trainer
         self._given: Generator | None = None  # the pipeline backend's generation 0 (loaded once)
 
     # ---- training -------------------------------------------------------------------------------------
-    def fit(self, train: ImageSet, prev: Generator | None, generation: int, seed: int, workdir: Path | None):
-        """Generation ``generation``'s model, trained on ``train`` (fine-tuning ``prev`` when the config says so)."""
+    def fit(
+        self,
+        train: ImageSet,
+        prev: Generator | None,
+        generation: int,
+        seed: int,
+        workdir: Path | None,
+        pretrain: ImageSet | None = None,
+    ):
+        """Generation ``generation``'s model, trained on ``train`` (fine-tuning ``prev`` when the config says so).
+
+        With ``pretrain`` (generation 0 when ``pretrain_steps`` > 0) a model is first trained from scratch on it
+        for ``pretrain_steps`` in ``workdir/pretrain``, then fine-tuned on ``train`` for ``base_steps``: a base
+        model fit to a broader distribution that never saw the fine-tuning images (Bohacek & Farid's SD).
+        """
         cfg = self.cfg
         if cfg.backend == PIPELINE and generation == 0:
             return self.given(train.class_names)
+        if generation == 0 and pretrain is not None:
+            sub = None if workdir is None else Path(workdir) / "pretrain"
+            base = self.trainer.fit(pretrain, None, cfg.pretrain_steps, seed + 999_983, sub)
+            return self.trainer.fit(train, base, cfg.base_steps, seed, workdir)
         finetune = cfg.retrain == "finetune" and generation > 0 and prev is not None
-        steps = cfg.steps_per_generation if finetune else cfg.base_steps
-        gen = self.trainer.fit(train, prev if finetune else None, steps, seed, workdir)
+        steps = cfg.finetune_steps if finetune else cfg.base_steps
+        trainer = self.finetune_trainer if finetune else self.trainer
+        gen = trainer.fit(train, prev if finetune else None, steps, seed, workdir)
         if cfg.backend == PIPELINE:
             gen = gen.with_conditions(train.class_names)
         return gen
@@ -90,6 +118,8 @@ class LoopModels:
 
     def describe(self) -> dict[str, Any]:
         out = {"backend": self.cfg.backend, "trainer": self.trainer.describe(), "sample": self.options}
+        if self.finetune_trainer is not self.trainer:
+            out["finetune_trainer"] = self.finetune_trainer.describe()
         if self.cfg.backend == PIPELINE:
             out["generation_0"] = {"model": self.cfg.model, "trained": False, "dtype": self.cfg.dtype}
         return out
@@ -113,8 +143,16 @@ def make_models(cfg: LoopConfig, show_progress: bool = False, device: str | None
             "guidance_scale": float(cfg.guidance_scale),
             "temperature": float(cfg.temperature),
             "batch_size": preset.sample.batch_size,
-        }
-        return LoopModels(cfg, ClassCondTrainer(preset, show_progress, device), options, device)
+        } | _schedule(cfg)
+        ft_train = preset.train
+        if cfg.finetune_warmup is not None:
+            ft_train = dataclasses.replace(ft_train, warmup_steps=int(cfg.finetune_warmup))
+        if cfg.finetune_cond_drop is not None:
+            ft_train = dataclasses.replace(ft_train, cond_drop_prob=float(cfg.finetune_cond_drop))
+        ft = None
+        if ft_train != preset.train:
+            ft = ClassCondTrainer(dataclasses.replace(preset, train=ft_train), show_progress, device)
+        return LoopModels(cfg, ClassCondTrainer(preset, show_progress, device), options, device, ft)
     assert cfg.backend == PIPELINE
     from diffaudit.generators.pipeline_train import PipelineTrainConfig, PipelineTrainer
 
@@ -125,8 +163,16 @@ def make_models(cfg: LoopConfig, show_progress: bool = False, device: str | None
         "guidance_scale": float(cfg.guidance_scale),
         "temperature": float(cfg.temperature),
         "batch_size": 16,
-    }
+    } | _schedule(cfg)
+    # Generation 0 of a pipeline is never trained, so the fine-tuning settings are the trainer's settings.
+    if cfg.finetune_cond_drop is not None:
+        train_cfg = dataclasses.replace(train_cfg, cond_drop_prob=float(cfg.finetune_cond_drop))
     return LoopModels(cfg, PipelineTrainer(train_cfg, show_progress), options, device)
+
+
+def _schedule(cfg: LoopConfig) -> dict[str, Any]:
+    """The guidance-schedule sampling option, passed only when not constant (analytic generators lack it)."""
+    return {} if cfg.guidance_schedule == "constant" else {"guidance_schedule": cfg.guidance_schedule}
 
 
 __all__ = ["LoopModels", "make_models"]

@@ -16,6 +16,8 @@ from diffaudit.loop.config import MIX_IMG2IMG, PIPELINE, LoopConfig
 
 #: Offset (inside a generation's seed range) of the image-to-image re-renderings' seeds.
 IMG2IMG_SEED_START = 500_000
+#: Offset of the self-correction re-renderings' seeds (generation 0's model re-rendering synthetic images).
+SELF_CORRECT_SEED_START = 700_000
 #: Generation index of the drift seeds (fixed for all generations, so images are comparable across them).
 DRIFT_GENERATION = 999
 
