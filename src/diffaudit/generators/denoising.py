@@ -33,6 +33,7 @@ from diffaudit.generators.base import (
     to_model_tensor,
     to_uint8,
 )
+from diffaudit.generators.queries import DenoisingQueries
 from diffaudit.generators.schedulers import img2img_timesteps, make_scheduler, training_scheduler
 from diffaudit.progress import progress_bar
 
@@ -55,8 +56,11 @@ def guidance_scales(w: float, num_steps: int, schedule: str = "constant") -> lis
     return [1.0 + (float(w) - 1.0) * 2.0 * i / (num_steps - 1) for i in range(num_steps)]
 
 
-class DenoisingGenerator:
-    """Shared sampling, loss and guidance-gap logic over the hooks listed in the module docstring."""
+class DenoisingGenerator(DenoisingQueries):
+    """Shared sampling, loss and guidance-gap logic over the hooks listed in the module docstring.
+
+    Attack queries beyond the loss (noise prediction, DDIM steps, per-sample gradients) come from
+    :class:`~diffaudit.generators.queries.DenoisingQueries`."""
 
     model_id: str = ""
     conditions: tuple[str, ...] = ()
