@@ -41,9 +41,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="show a progress bar"),
         shard: str = typer.Option(None, help=SHARD_HELP),
         shards: int = typer.Option(0, min=0, help="run all of N shards with --engine, then merge (0: no shards)"),
-        engine: str = typer.Option(
-            "local", help="local (this process) | ray (Ray tasks; needs the ray extra)"
-        ),
+        engine: str = typer.Option("local", help="local (this process) | ray (Ray tasks; needs the ray extra)"),
         address: str = typer.Option(None, help="Ray cluster address (auto, ray://HOST:10001); default: a local one"),
         cpus_per_task: float = typer.Option(1.0, min=0.01, help="Ray: CPUs per task (fractions allowed)"),
     ) -> None:
@@ -98,7 +96,7 @@ def _sharded(cfg, out: Path, shard: str | None, shards: int, engine: str, addres
         folder = sample_stage().run_unit(cfg, out, spec, progress)
         err.print(f"shard {spec.label} in {user_text(folder)}; when all {spec.count} are done: diffaudit merge {out}")
         return
-    count = shards or _default_shards(engine, address)
+    count = shards or _default_shards(engine)
     summary = run_stage(sample_stage(), cfg, out, count, engine=engine, address=address, num_cpus=cpus,
                         show_progress=progress)  # fmt: skip
     err.print(
@@ -107,7 +105,7 @@ def _sharded(cfg, out: Path, shard: str | None, shards: int, engine: str, addres
     )
 
 
-def _default_shards(engine: str, address: str | None) -> int:
+def _default_shards(engine: str) -> int:
     """Ray without --shards: one shard per CPU of this machine (a cluster: pass --shards)."""
     import os
 

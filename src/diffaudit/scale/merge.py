@@ -88,9 +88,8 @@ def check_coverage(shards: list[Shard]) -> None:
         if s.start > covered:
             problems.append(_missing(covered, s.start, counts, total, unit))
         elif s.start < covered and s.stop > s.start and last is not None:
-            problems.append(
-                f"doubled: shards {last.label} and {s.label} both hold {_items(unit, s.start, min(s.stop, covered))}"
-            )
+            a, b = (last.label, s.label) if last.label != s.label else (str(last.path), str(s.path))
+            problems.append(f"doubled: shards {a} and {b} both hold {_items(unit, s.start, min(s.stop, covered))}")
         if s.stop > covered:
             covered, last = s.stop, s
     if covered < total:
