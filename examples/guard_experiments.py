@@ -8,12 +8,15 @@ For each source (digits 8x8, faces 25x25) the distinct images are split (seeded,
 part that is indexed, a calibration part (held-out real images that set the threshold) and a fresh part
 (held-out real images never seen by the filter, on which its false-block rate is measured). Then:
 
-* recall: copies of ``--num-copies`` training images, exact and perturbed (Gaussian noise, JPEG), must be
-  blocked; reported per perturbation for the calibrated rule and for Carlini's absolute rule (L2 <= 0.15);
-* false-block rate on the fresh real images, both rules;
+* recall: copies of ``--num-copies`` training images, exact and perturbed (Gaussian noise, JPEG, resize, crop,
+  flip, shift and compositions), must be blocked; reported per perturbation for the calibrated (pixel) rule, the
+  robust rule (crop/rescale/flip/shift-aligned, :mod:`diffaudit.guards.invariant`) and Carlini's absolute rule
+  (L2 <= 0.15);
+* false-block rate on the fresh real images, every rule;
 * overhead: milliseconds per checked image (exact search; faiss for l2 when installed);
-* digits only: a digits-8 model trained for ``--steps`` steps on the training part; the share of its
-  samples each rule blocks, and what guarded sampling (re-sample blocked seeds, at most 5 times) costs.
+* digits only: a digits-8 model trained for ``--steps`` steps on the training part (or any generator given with
+  ``--model RUN_OR_DIR``); the share of its samples each rule blocks, and what guarded sampling (re-sample
+  blocked seeds, at most 5 times) costs.
 
 Results go to OUT/results.json (and OUT is a run directory: manifest.json, config.json, metrics.jsonl).
 
@@ -38,6 +41,7 @@ from diffaudit.data.sources import load_source
 from diffaudit.guards.copy_filter import CopyFilter
 from diffaudit.guards.guarded_sampling import guarded_generate
 from diffaudit.guards.index import build_index
+from diffaudit.guards.invariant import InvariantConfig
 from diffaudit.guards.perturb import crop, gaussian_noise, jpeg, resize
 from diffaudit.io import atomic_write_json
 from diffaudit.runs import RunDir
@@ -54,7 +58,12 @@ PERTURBATIONS = {
     "noise_sigma=16": lambda x, s: gaussian_noise(x, 16.0, s),
     "resize_0.5": lambda x, s: resize(x, 0.5, s),
     "crop_0.1": lambda x, s: crop(x, 0.1, s),
+    "crop_0.2": lambda x, s: crop(x, 0.2, s),
+    "flip": lambda x, s: np.ascontiguousarray(x[..., ::-1]),
+    "shift_1px": lambda x, s: np.roll(x, 1, axis=3),
+    "flip+crop_0.1+resize_0.75": lambda x, s: resize(crop(np.ascontiguousarray(x[..., ::-1]), 0.1, s), 0.75, s),
 }
+RULES = ("calibrated", "robust", "absolute")
 # Per source: (calibration fraction, fresh fraction, target false-block rate). faces has only 100 images, so a
 # 1% rate cannot be calibrated (it needs >= 100 held-out images); 5% on 20 images is the finest it allows.
 SPLITS = {"digits": (0.15, 0.15, 0.01), "faces": (0.2, 0.2, 0.05)}
@@ -86,7 +95,8 @@ def measure_filter(
     f_cal, f_fresh, fpr = SPLITS[name]
     train, cal, fresh = split3(data, f_cal, f_fresh, seed)
     start = time.perf_counter()
-    index = build_index(train, cal, features=features, metric=metric, target_fpr=fpr, seed=seed)
+    inv = InvariantConfig()
+    index = build_index(train, cal, features=features, metric=metric, target_fpr=fpr, seed=seed, invariant=inv)
     build_s = time.perf_counter() - start
     res: dict[str, Any] = {
         "source": name,
@@ -98,13 +108,13 @@ def measure_filter(
         "calibration": index.calibration,
         "build_seconds": build_s,
     }
-    rules = {r: CopyFilter(index, r) for r in ("calibrated", "absolute")}
+    rules = {r: CopyFilter(index, r) for r in RULES}
     res["fresh_false_block_rate"] = {r: float(f.blocked_mask(fresh).mean()) for r, f in rules.items()}
     # The fresh part is small (20 faces): repeat the split with other seeds to see the rate's spread.
-    over: dict[str, list[float]] = {"calibrated": [], "absolute": []}
+    over: dict[str, list[float]] = {r: [] for r in RULES}
     for s in range(seed, seed + 5):
         tr, ca, fr = split3(data, f_cal, f_fresh, s)
-        ix = build_index(tr, ca, features=features, metric=metric, target_fpr=fpr, seed=s)
+        ix = build_index(tr, ca, features=features, metric=metric, target_fpr=fpr, seed=s, invariant=inv)
         for r in over:
             over[r].append(float(CopyFilter(ix, r).blocked_mask(fr).mean()))
     res["fresh_over_seeds"] = {r: {"mean": float(np.mean(v)), "per_seed": v} for r, v in over.items()}
@@ -114,11 +124,12 @@ def measure_filter(
     res["recall"] = {}
     for label, fn in PERTURBATIONS.items():
         copies = fn(originals, seed)
-        decisions = rules["calibrated"].check(copies)
+        decisions = rules["robust"].check(copies)
         dist = np.array([d.distance for d in decisions])
         l2 = np.array([d.l2 for d in decisions])
         res["recall"][label] = {
             "calibrated": float(np.mean([d.calibrated_blocks for d in decisions])),
+            "robust": float(np.mean([bool(d.robust_blocks) for d in decisions])),
             "absolute": float(np.mean([d.absolute_blocks for d in decisions])),
             "nearest_is_source": float(
                 np.mean([d.nearest_index == int(p) for d, p in zip(decisions, pick, strict=True)])
@@ -127,7 +138,10 @@ def measure_filter(
             "median_l2": float(np.median(l2)),
         }
     queries = np.concatenate([fresh.images] * max(1, 512 // len(fresh)))[:512]
-    res["ms_per_image"] = {"exact": ms_per_image(rules["calibrated"], queries)}
+    res["ms_per_image"] = {
+        "exact": ms_per_image(rules["calibrated"], queries),
+        "robust": ms_per_image(rules["robust"], queries),
+    }
     if index.metric == "l2":
         try:
             res["ms_per_image"]["faiss"] = ms_per_image(CopyFilter(index, "calibrated", backend="faiss"), queries)
@@ -138,41 +152,44 @@ def measure_filter(
     return res, index, train
 
 
-def measure_model(index: Any, train: ImageSet, steps: int, num_samples: int, out: Path, seed: int) -> dict[str, Any]:
-    """Train digits-8 on the indexed part, sample, and measure block rates and guarded-sampling cost."""
-    from diffaudit.models.checkpoint import load_model
-    from diffaudit.train import train as train_model
+def measure_model(
+    index: Any, train: ImageSet, steps: int, num_samples: int, out: Path, seed: int, model: str | None = None
+) -> dict[str, Any]:
+    """Sample a generator (``model``, or digits-8 trained here on the indexed part), measure block rates and the
+    cost of guarded sampling. Every family goes through the one Generator API."""
+    from diffaudit.generators import load_generator
 
     preset = apply_overrides(get_preset("digits-8"), [f"train.steps={steps}"])
-    with RunDir(out / "digits-model", "train") as run:
-        start = time.perf_counter()
-        train_model(preset, train, run, show_progress=False)
-        train_s = time.perf_counter() - start
-    model, meta = load_model(out / "digits-model" / "model")
-    names = list(meta.get("class_names") or train.class_names)
-    labels = np.arange(num_samples) % len(names)
-    cfg = preset.sample
-    res: dict[str, Any] = {"train_steps": steps, "train_seconds": train_s}
-    res["sample_config"] = {k: getattr(cfg, k) for k in ("sampler", "num_steps", "guidance_scale", "temperature")}
-    from diffaudit.sampling import generate
+    res: dict[str, Any] = {}
+    if model is None:
+        from diffaudit.train import train as train_model
 
+        with RunDir(out / "digits-model", "train") as run:
+            start = time.perf_counter()
+            train_model(preset, train, run, show_progress=False)
+            res |= {"train_steps": steps, "train_seconds": time.perf_counter() - start}
+        model = str(out / "digits-model" / "model")
+    gen = load_generator(model, device="cpu")
+    labels = np.arange(num_samples) % max(len(gen.conditions), 1)
+    seeds = list(range(seed, seed + num_samples))
+    cfg = preset.sample
+    options = {k: getattr(cfg, k) for k in ("sampler", "num_steps", "guidance_scale", "temperature")}
+    res |= {"model": model, "sample_config": options, "num_samples": num_samples}
     start = time.perf_counter()
-    samples = generate(model, str(meta["model_id"]), labels, range(seed, seed + num_samples), cfg, names,
-                       show_progress=False)  # fmt: skip
+    samples = gen.sample(labels, seeds, **options)
     sample_s = time.perf_counter() - start
-    res["num_samples"] = num_samples
     res["sample_ms_per_image"] = 1000.0 * sample_s / num_samples
-    for rule in ("calibrated", "absolute", "either"):
+    for rule in ("calibrated", "robust", "absolute", "either"):
         res[f"block_rate_{rule}"] = float(CopyFilter(index, rule).blocked_mask(samples).mean())
     dec = CopyFilter(index).check(samples)
     res["sample_nn_distance_quantiles"] = {
         q: float(np.quantile([d.distance for d in dec], float(q))) for q in ("0.01", "0.05", "0.5")
     }
     start = time.perf_counter()
-    guarded, record = guarded_generate(model, str(meta["model_id"]), labels, range(seed, seed + num_samples), cfg,
-                                       CopyFilter(index), names, show_progress=False)  # fmt: skip
+    guarded, record = guarded_generate(gen, labels, seeds, options, CopyFilter(index), show_progress=False)
     guarded_s = time.perf_counter() - start
     res["guarded"] = {
+        "rule": CopyFilter(index).rule,
         "seconds": guarded_s,
         "unguarded_seconds": sample_s,
         "overhead_ms_per_image": 1000.0 * (guarded_s - sample_s) / num_samples,
@@ -273,6 +290,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/guard-exp"))
     parser.add_argument("--steps", type=int, default=400, help="digits-8 training steps (0: skip the model part)")
+    parser.add_argument("--model", default=None, help="any generator directory to sample instead of training one")
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--num-copies", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
@@ -298,9 +316,9 @@ def main() -> None:
             if name == "digits" and metric == "l2" and features == "pixels":
                 digits_index, digits_train = index, train
         atomic_write_json(args.out / "results.json", results)
-        if args.steps > 0:
+        if args.steps > 0 or args.model is not None:
             results["digits_model"] = measure_model(
-                digits_index, digits_train, args.steps, args.num_samples, args.out, args.seed
+                digits_index, digits_train, args.steps, args.num_samples, args.out, args.seed, args.model
             )
             run.log({"digits_model": results["digits_model"]})
         atomic_write_json(args.out / "results.json", results)
@@ -314,10 +332,11 @@ def print_tables(results: dict[str, Any]) -> None:
         print(f"calibrated threshold {cal['threshold']:.4f} (target {res['target_fpr']}, achieved on calibration "
               f"{cal['achieved_false_block_rate']:.3f})")  # fmt: skip
         print(f"fresh false-block: {res['fresh_false_block_rate']}; over seeds: {res['fresh_over_seeds']}")
-        print("| copies | calibrated recall | absolute recall | median distance | median L2 |\n|---|---|---|---|---|")
+        print("| copies | calibrated (pixel) | robust | absolute | median distance | median L2 |")
+        print("|---|---|---|---|---|---|")
         for label, r in res["recall"].items():
-            print(f"| {label} | {r['calibrated']:.3f} | {r['absolute']:.3f} | {r['median_distance']:.4f} | "
-                  f"{r['median_l2']:.4f} |")  # fmt: skip
+            print(f"| {label} | {r['calibrated']:.3f} | {r['robust']:.3f} | {r['absolute']:.3f} | "
+                  f"{r['median_distance']:.4f} | {r['median_l2']:.4f} |")  # fmt: skip
         print("ms/image:", res["ms_per_image"])
     if "digits_model" in results:
         print("\ndigits model:", results["digits_model"])
