@@ -12,6 +12,7 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 from typer.testing import CliRunner
 
 from diffaudit.attacks import mia, roc
+from diffaudit.attacks.mia_queries import QUERY_ATTACKS
 from diffaudit.attacks.shadow import random_halves
 from diffaudit.cli import app
 from diffaudit.data.imageset import ImageSet
@@ -177,14 +178,18 @@ def test_cli_end_to_end_resume_and_user_target(tmp_path):
     for name in ("results.json", "scores.json", "membership.npz", "roc.png", "config.json", "wen.json"):
         assert (out / name).exists(), name
     results = json.loads((out / "results.json").read_text())
-    assert set(results["attacks"]) == {mia.LOSS, mia.LIRA_ONLINE, mia.LIRA_OFFLINE}
+    assert set(results["attacks"]) == {mia.LOSS, mia.LIRA_ONLINE, mia.LIRA_OFFLINE, *QUERY_ATTACKS}
+    assert (
+        results["costs"]["pia"]["queries_per_image"] == 2 and results["costs"]["secmi-stat"]["queries_per_image"] == 12
+    )
+    assert results["costs"][mia.LIRA_ONLINE]["queries_per_image"] == 3 * 2 * 2  # (K + 1) models x T x draws
     assert results["pool"]["selection"] + results["pool"]["evaluation"] == 40
     assert results["shadows"]["trained_now"] == {"target": True, "shadow-00": True, "shadow-01": True}
     scores = json.loads((out / "scores.json").read_text())
     assert len(scores) == 40 and len({s["id"] for s in scores}) == 40
     evaluation = [s for s in scores if s["split"] == "evaluation"]
     for name, r in results["attacks"].items():
-        assert r["t"] in (50, 100)
+        assert r["t"] in (50, 100) or name in QUERY_ATTACKS
         assert {roc.TPR_AT_1PCT, roc.TPR_AT_01PCT} <= set(r["below_resolution"])  # 14 non-members only
         # The reported AUC is the one of the written per-sample scores on the evaluation split.
         want = roc.summarize(
@@ -224,8 +229,9 @@ def test_cli_end_to_end_resume_and_user_target(tmp_path):
     )  # fmt: skip
     assert res.exit_code == 0, res.output + repr(res.exception)
     user_results = json.loads((user / "results.json").read_text())
-    assert list(user_results["attacks"]) == [mia.LOSS]
-    assert user_results["attacks"][mia.LOSS] == results["attacks"][mia.LOSS]  # same target, noise, split
+    assert list(user_results["attacks"]) == [mia.LOSS, *QUERY_ATTACKS]
+    for name in (mia.LOSS, *QUERY_ATTACKS):  # same target, noise, split (and seeded classifiers)
+        assert user_results["attacks"][name] == results["attacks"][name], name
 
 
 def test_cli_rejects_target_without_members(tmp_path):

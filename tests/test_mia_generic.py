@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from diffaudit.attacks import mia, roc
+from diffaudit.attacks.mia_queries import QUERY_ATTACKS
 from diffaudit.attacks.mia_run import run_mia
 from diffaudit.attacks.mia_setup import build_setup
 from diffaudit.attacks.shadow import MiaConfig, merge_shards, run_shard
@@ -22,7 +23,7 @@ from diffaudit.generators.analytic import AnalyticTrainer
 from diffaudit.generators.schedulers import training_scheduler
 from diffaudit.runs import RunDir
 
-RESULT_KEYS = {"attacks", "sweep", "pool", "target", "shadows", "timesteps", "seconds"}
+RESULT_KEYS = {"attacks", "sweep", "pool", "target", "shadows", "timesteps", "seconds", "costs", "skipped"}
 WEN_ROW_KEYS = {"label", "name", "noise_gap", "noise_gap_std", "per_seed"}
 
 
@@ -87,6 +88,9 @@ def test_lira_end_to_end_on_an_overfitted_gaussian(tmp_path):
     assert choices["steps"]["value"] == 1
     for name in mia.ATTACKS:
         assert results["attacks"][name][roc.AUC] > 0.7, (name, results["attacks"][name][roc.AUC])
+    # The analytic model has no network: GSA is skipped with the reason; the other query attacks run.
+    assert "not white-box" in results["skipped"]["gsa"] and "gsa" not in results["attacks"]
+    assert {"pia", "pian", "secmi-stat", "secmi-nn"} <= set(results["attacks"])
     membership = np.load(tmp_path / "run" / "membership.npz")
     assert membership["shadow_membership"].shape == (4, 40) and membership["shadow_stats"].shape == (40, 4, 2)
 
@@ -142,7 +146,7 @@ def test_pipeline_user_target_with_members_and_shadows(pipeline_and_folders, tmp
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == RESULT_KEYS and set(results["attacks"]) == set(mia.ATTACKS)
+    assert set(results) == RESULT_KEYS and set(results["attacks"]) == set(mia.ATTACKS) | set(QUERY_ATTACKS)
     assert results["target"]["user_supplied"] and results["target"]["members"] == 6
     assert results["target"]["family"] == "pipeline"
     assert results["shadows"]["trained_now"] == {"shadow-00": True, "shadow-01": True}

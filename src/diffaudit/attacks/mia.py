@@ -70,6 +70,19 @@ def align_conditions(generator: Generator, data: ImageSet) -> Generator:
         raise
 
 
+def query_inputs(generator: Generator, data: ImageSet) -> tuple[Generator, np.ndarray]:
+    """``generator`` aligned to ``data``'s conditions and the labels ``int64 (N,)`` that condition every query.
+
+    A member was trained with its label (class, or caption index for a pipeline); unlabelled images use the
+    null condition (-1). Shared by every attack so that all of them query the model the same way.
+    """
+    if data.shape != tuple(generator.image_shape):
+        raise DataError(f"candidate images are {data.shape} but the model makes {tuple(generator.image_shape)}")
+    generator = align_conditions(generator, data)
+    labels = data.labels if data.class_names else np.full(len(data), -1, dtype=np.int64)
+    return generator, np.asarray(labels, dtype=np.int64)
+
+
 def sample_losses(
     generator: Generator,
     data: ImageSet,
@@ -96,8 +109,7 @@ def sample_losses(
         raise ConfigError(f"timesteps {bad} outside [0, {generator.num_train_timesteps})")
     if noise_draws < 1:
         raise ConfigError(f"noise_draws must be >= 1, got {noise_draws}")
-    generator = align_conditions(generator, data)
-    labels = data.labels if data.class_names else np.full(len(data), -1, dtype=np.int64)
+    generator, labels = query_inputs(generator, data)
     flips = (False, True) if flip else (False,)
     out = np.empty((len(data), len(timesteps), noise_draws * len(flips)), dtype=np.float32)
     with progress_bar("mia losses", total=noise_draws * len(flips), enabled=show_progress) as bar:

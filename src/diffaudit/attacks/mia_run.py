@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from diffaudit.attacks import mia, roc
+from diffaudit.attacks.mia_queries import run_query_attacks
 from diffaudit.attacks.shadow import (
     LOSSES_FILE,
     MODEL_SUBDIR,
@@ -97,8 +98,10 @@ def run_mia(config: MiaConfig, setup: MiaSetup, run: RunDir, show_progress: bool
     indices = ([0] if setup.target is None else []) + list(range(1, config.num_shadows + 1))
     trained: dict[str, bool] = {}
     paths = {}
+    t_shards = time.perf_counter()
     for index in indices:
         paths[index], trained[shard_name(index)] = run_shard(config, setup, index, models_dir, show_progress)
+    t_shards = time.perf_counter() - t_shards
     shadow_idx = list(range(1, config.num_shadows + 1))
     shadow_losses, shadow_ids = merge_shards([paths[i] for i in shadow_idx], pool.ids)  # (N, K, T, V)
     if setup.target is None:
@@ -119,7 +122,38 @@ def run_mia(config: MiaConfig, setup: MiaSetup, run: RunDir, show_progress: bool
         tuple(config.timesteps),
         config.fix_variance,
     )
+    q_results, q_scores, q_costs, skipped = run_query_attacks(
+        target_generator(setup, run),
+        pool,
+        target_members,
+        selection,
+        tuple(config.query_attacks),
+        config.query_params(),
+        config.seed,
+        min(config.batch_size, 64),
+    )
+    results["attacks"].update(q_results)
+    chosen.update(q_scores)
+    variants = config.noise_draws * (2 if config.flip else 1)
+    per_model = len(config.timesteps) * variants
+    # Loss and LiRA share the shards (fitting and scoring every model): their seconds include training, and are
+    # None when every shard was already done (resume).
+    shard_sec = t_shards / n if any(trained.values()) else None
+    costs: dict[str, dict[str, object]] = {}
+    for name in results["attacks"]:
+        if name in q_costs:
+            costs[name] = q_costs[name]
+        else:
+            k = 0 if name == mia.LOSS else len(shadow_ids)
+            costs[name] = {
+                "queries_per_image": per_model * (k + 1),
+                "shadow_models": k,
+                "seconds_per_image": shard_sec,
+                "seconds_include_training": True,
+            }
     results.update(
+        costs=costs,
+        skipped=skipped,
         pool=setup.pool_info | {"selection": int(selection.sum()), "evaluation": int(evaluation.sum())},
         target={
             "model_id": target_id,

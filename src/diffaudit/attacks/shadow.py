@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from diffaudit.attacks import mia
+from diffaudit.attacks import gsa, mia, pia, secmi
+from diffaudit.attacks.mia_queries import QUERY_ATTACKS, check_attacks
 from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import ConfigError, DataError
 from diffaudit.generators.base import Generator, Trainer
@@ -39,6 +40,8 @@ class MiaConfig:
     ``steps``: optimizer steps per trained model (None: the trainer's default, see
     :func:`diffaudit.attacks.mia_setup.build_setup`). ``keep_models``: save every shadow's weights next to its
     losses (the target is always kept, for the Wen detector); a shard's output is its losses either way.
+    ``query_attacks``: the attacks run on the target besides loss/LiRA (PIA, PIAN, SecMI, GSA), with their
+    papers' defaults ``pia_t``, ``secmi_t``, ``secmi_k`` and the number of GSA timesteps.
     """
 
     num_shadows: int = 8
@@ -52,6 +55,11 @@ class MiaConfig:
     batch_size: int = 512
     steps: int | None = None
     keep_models: bool = True
+    query_attacks: tuple[str, ...] = QUERY_ATTACKS
+    pia_t: int = pia.PIA_T
+    secmi_t: int = secmi.SECMI_T
+    secmi_k: int = secmi.SECMI_K
+    gsa_timesteps: int = gsa.GSA_NUM_TIMESTEPS
 
     def validate(self) -> None:
         if self.num_shadows < 0 or self.num_shadows == 1:
@@ -66,6 +74,22 @@ class MiaConfig:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_attacks(tuple(self.query_attacks))
+        if self.pia_t < 1:
+            raise ConfigError(f"pia_t must be >= 1, got {self.pia_t}")
+        if self.secmi_k < 1 or self.secmi_t < self.secmi_k or self.secmi_t % self.secmi_k:
+            raise ConfigError(f"secmi_t={self.secmi_t} must be a positive multiple of secmi_k={self.secmi_k}")
+        if self.gsa_timesteps < 1:
+            raise ConfigError(f"gsa_timesteps must be >= 1, got {self.gsa_timesteps}")
+
+    def query_params(self) -> dict[str, int]:
+        """Parameters of the attacks beyond loss/LiRA (:func:`diffaudit.attacks.mia_queries.run_query_attacks`)."""
+        return {
+            "pia_t": self.pia_t,
+            "secmi_t": self.secmi_t,
+            "secmi_k": self.secmi_k,
+            "gsa_timesteps": self.gsa_timesteps,
+        }
 
 
 @dataclass
