@@ -121,3 +121,34 @@ def test_loop_tagger_tags_and_measures_inherited_tags(mixed):
     assert tag_fn.inherited[2] <= 0.1  # untagged inputs: few look tagged
     tag_fn(out, 3)  # already-tagged inputs (a model that reproduced the tag) are counted as inherited
     assert tag_fn.inherited[3] == 1.0
+
+
+class _BrightnessDetector:
+    """A stand-in detector: score = mean brightness (the scrub rule only needs ``scores`` and ``threshold``)."""
+
+    method = "brightness"
+
+    def score(self, images):
+        return images.images.reshape(len(images), -1).mean(axis=1)
+
+    def describe(self):
+        return {"method": self.method}
+
+
+def test_scrub_by_tagless_detector_and_loop_hook():
+    from diffaudit.detectors.synthetic import CalibratedDetector
+    from diffaudit.guards.scrub import RULE_DETECTED
+
+    rng = np.random.default_rng(0)
+    real = ImageSet(rng.integers(0, 100, (30, 1, 8, 8), dtype=np.uint8), np.full(30, -1))
+    fake = ImageSet(rng.integers(150, 255, (10, 1, 8, 8), dtype=np.uint8), np.full(10, -1))
+    data = ImageSet.concat([real, fake.with_provenance(synthetic=True)])
+    det = CalibratedDetector(_BrightnessDetector(), threshold=120.0, target_fpr=0.01, achieved_fpr=0.0,
+                             num_calibration=99)  # fmt: skip
+    kept, removed = scrub(data, detector=det)
+    assert sorted(r["index"] for r in removed) == list(range(30, 40))
+    assert all(r["rules"] == [RULE_DETECTED] and r["detector_score"] > 120 for r in removed)
+    assert removed[0]["detector_threshold"] == 120.0 and removed[0]["tag_score"] is None
+    _, report = make_loop_filter(None, None, detector=det)(data, 2)
+    assert report["removed_by_rule"] == {RULE_TAGGED: 0, RULE_DETECTED: 10, RULE_NEAR_COPY: 0}
+    assert report["synthetic_slipped"] == 0 and report["real_removed"] == 0
