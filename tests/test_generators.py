@@ -244,6 +244,7 @@ def test_pipeline_trainer_full_and_lora(tmp_path):
     assert again.model_id == full.model_id  # a seed names one fine-tuning run
     PipelineTrainer().save(lora, tmp_path / "lora-out")
     loaded = load_generator(tmp_path / "lora-out", conditions=lora.conditions, device="cpu")
+    assert loaded.model_id == lora.model_id  # the id of fine-tuned weights survives saving and loading
     np.testing.assert_array_equal(_sample(lora, [0], [9]).images, _sample(loaded, [0], [9]).images)
 
 
