@@ -176,6 +176,16 @@ def test_detect_and_scrub_cli_without_tags(tmp_path, world, capsys):
     s = manifest["summary"]
     assert s["removed_by_rule"]["detected"] == s["num_removed"] and s["synthetic_removed"] >= 120
     assert s["real_removed"] <= 0.12 * len(world["real_test"])
+    # The loss detector on a model directory (any family: here an analytic one), through the CLI.
+    AnalyticTrainer("gaussian").save(world["gauss"], tmp_path / "gauss")
+    r = runner.invoke(app, ["detect", "--method", "loss", "--model", str(tmp_path / "gauss"), "--images",
+                            str(paths["gauss_test"]), "--calibrate-on", str(paths["real_cal"]), "--target-fpr",
+                            "0.05", "--out", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    loss_report = json.loads(out.read_text())
+    in_memory = fit_detector("loss", world["real_cal"], target_fpr=0.05, generator=world["gauss"])
+    assert loss_report["detector"]["method"] == "loss"
+    assert loss_report["num_flagged"] == int(in_memory.flag(world["gauss_test"]).sum()) >= 15  # 38 of 150 measured
     # A loss detector without a model: one line, exit code 2.
     with pytest.raises(SystemExit) as exc:
         main(
