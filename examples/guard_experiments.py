@@ -159,7 +159,7 @@ def measure_model(
     cost of guarded sampling. Every family goes through the one Generator API."""
     from diffaudit.generators import load_generator
 
-    preset = apply_overrides(get_preset("digits-8"), [f"train.steps={steps}"])
+    preset = apply_overrides(get_preset("digits-8"), [f"train.steps={max(steps, 1)}"])
     res: dict[str, Any] = {}
     if model is None:
         from diffaudit.train import train as train_model
