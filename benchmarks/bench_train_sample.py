@@ -118,9 +118,11 @@ def main() -> None:
         print(lines[-1], flush=True)
 
         # sampling
+        from diffaudit.generators.classcond import ClassCondGenerator
         from diffaudit.models.diffusion import DiffusionModel
 
         model = DiffusionModel(model_cfg).eval()
+        gen = ClassCondGenerator(model, "bench", [str(i) for i in range(model_cfg.num_classes)])
         n = args.sample_images
         lab = torch.arange(n) % max(1, model_cfg.num_classes)
         shape = (model_cfg.channels, model_cfg.resolution, model_cfg.resolution)
@@ -139,7 +141,8 @@ def main() -> None:
             count = n if kind != "ddpm" else max(8, n // 8)
             base = plain_sample_rate(model.unet, sched, count, shape, steps, lab[:count])
             start = time.perf_counter()
-            model.sample(lab[:count], list(range(count)), kind, steps, guidance_scale=2.0)
+            gen.sample(lab[:count].numpy(), list(range(count)), sampler=kind, num_steps=steps, guidance_scale=2.0,
+                       batch_size=count)  # fmt: skip
             mine = count / (time.perf_counter() - start)
             sample_rows.append(f"| {name} | {kind}-{steps} | {base:.1f} | {mine:.1f} | {mine / base:.2f} |")
             print(sample_rows[-1], flush=True)

@@ -61,12 +61,10 @@ class ClassCondGenerator(DenoisingGenerator):
         return self.model.device
 
     def _condition(self, labels: torch.Tensor) -> torch.Tensor:
-        if not self.conditional:
-            return torch.zeros_like(labels)  # ignored by _predict
-        return torch.where(labels < 0, torch.full_like(labels, self.model.config.null_label), labels)
+        return labels  # -1 (null) is mapped to the model's null class by DiffusionModel.predict_noise
 
     def _predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.model.unet(z_t, t, class_labels=cond if self.conditional else None).sample
+        return self.model.predict_noise(z_t, t, cond)
 
     def with_conditions(self, conditions: Sequence[str]) -> ClassCondGenerator:
         """A class model's conditions are fixed by training; only the same names are accepted."""

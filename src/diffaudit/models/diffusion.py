@@ -1,21 +1,17 @@
-"""The class-conditional diffusion model: one object owns the denoiser, the training loss and the sampler.
+"""The class-conditional diffusion network and its training loss.
 
-The denoiser is diffusers' ``UNet2DModel`` with a class embedding; the noise schedule and sampler steps are
-diffusers' schedulers (DDPM, DDIM, DPM-Solver++), not rewritten here. Images are float tensors in [-1, 1].
-
-Seeds are per sample: sample ``i`` draws all its noise from a generator seeded with ``seeds[i]``, so it
-does not depend on which batch it was drawn in (EDM's ``StackedRandomGenerator`` idea).
+The denoiser is diffusers' ``UNet2DModel`` with a class embedding (null label last); the noise schedule is
+diffusers' DDPM scheduler. Images are float tensors in [-1, 1]. Sampling, the per-image audit loss and the
+guidance gap are not here: they are written once for every generator in
+:mod:`diffaudit.generators.denoising`, which wraps this network (:mod:`diffaudit.generators.classcond`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 
-from diffaudit.errors import ConfigError
-from diffaudit.models.config import SAMPLERS, ModelConfig
+from diffaudit.models.config import ModelConfig
 
 
 def build_unet(config: ModelConfig) -> UNet2DModel:
@@ -34,12 +30,6 @@ def build_unet(config: ModelConfig) -> UNet2DModel:
         attention_head_dim=None,
         num_class_embeds=config.num_classes + 1 if config.conditional else None,
     )
-
-
-def per_sample_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard normal noise ``(len(seeds), *shape)``; row ``i`` depends only on ``seeds[i]``."""
-    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    return torch.stack(rows).to(device)
 
 
 class DiffusionModel(torch.nn.Module):
@@ -77,17 +67,6 @@ class DiffusionModel(torch.nn.Module):
         x_t, t = x_t.to(self.device), t.to(self.device)
         return self.unet(x_t, t, class_labels=self._labels(labels, x_t.shape[0], x_t.device)).sample
 
-    def guided_noise(
-        self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guidance_scale: float
-    ) -> torch.Tensor:
-        """Classifier-free guided prediction ``eps_null + w (eps_label - eps_null)``; one pass when w == 1."""
-        if not self.config.conditional or labels is None or guidance_scale == 1.0:
-            return self.predict_noise(x_t, t, labels)
-        null = torch.full_like(labels, -1)
-        both = self.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null]))
-        eps_cond, eps_null = both.chunk(2)
-        return eps_null + guidance_scale * (eps_cond - eps_null)
-
     # ---- training ---------------------------------------------------------------------------------------
     def per_sample_loss(
         self, x0: torch.Tensor, labels: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor
@@ -121,70 +100,3 @@ class DiffusionModel(torch.nn.Module):
             drop = torch.rand(n, generator=generator).to(x0.device) < cond_drop_prob
             labels = torch.where(drop, torch.full_like(labels, -1), labels)
         return self.per_sample_loss(x0, labels, t, noise).mean()
-
-    # ---- sampling ---------------------------------------------------------------------------------------
-    def make_sampler(self, sampler: str, num_steps: int):
-        """A fresh diffusers scheduler of kind ``sampler`` (``ddpm``, ``ddim``, ``dpm++``) set to ``num_steps``."""
-        common = dict(
-            num_train_timesteps=self.config.num_train_timesteps,
-            beta_schedule=self.config.beta_schedule,
-            prediction_type=self.config.prediction_type,
-        )
-        if sampler == "ddpm":
-            sched = DDPMScheduler(**common)
-        elif sampler == "ddim":
-            # No x0 clipping: with classifier-free guidance it turns guided predictions into speckle noise
-            # (measured on digits-8 at guidance 3); the final clamp to [-1, 1] is enough.
-            sched = DDIMScheduler(**common, clip_sample=False)
-        elif sampler == "dpm++":
-            # Thresholding keeps x0 predictions in [-1, 1]: without it the first step from t = 999 of the cosine
-            # schedule (alpha_bar ~ 0) divides by ~0 and saturates every image.
-            sched = DPMSolverMultistepScheduler(
-                **common, algorithm_type="dpmsolver++", solver_order=2, thresholding=True, sample_max_value=1.0
-            )
-        else:
-            raise ConfigError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-        if not 1 <= num_steps <= self.config.num_train_timesteps:
-            raise ConfigError(f"num_steps must be in [1, {self.config.num_train_timesteps}], got {num_steps}")
-        sched.set_timesteps(num_steps)
-        return sched
-
-    @torch.inference_mode()
-    def sample(
-        self,
-        labels: torch.Tensor | None,
-        seeds: Sequence[int],
-        sampler: str = "ddim",
-        num_steps: int = 50,
-        guidance_scale: float = 1.0,
-        temperature: float = 1.0,
-        initial_noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Generate ``len(seeds)`` images ``(N, C, H, W)`` float32 in [-1, 1].
-
-        ``labels`` ``(N,)`` (``None`` or -1 entries for unconditional), ``temperature`` scales the initial noise
-        and the stochastic sampler noise (< 1 trades diversity for fidelity, a sampling bias). Sample ``i``
-        depends only on ``seeds[i]`` and ``labels[i]``. ``initial_noise`` overrides the seeded ``x_T`` (used by
-        noise-space tags).
-        """
-        cfg = self.config
-        device = self.device
-        shape = (cfg.channels, cfg.resolution, cfg.resolution)
-        sched = self.make_sampler(sampler, num_steps)
-        x = per_sample_noise(shape, seeds, device) if initial_noise is None else initial_noise.to(device)
-        x = x * temperature * sched.init_noise_sigma
-        # Per-sample generators for the stochastic (DDPM) steps, advanced past the initial-noise draw.
-        generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds]
-        lab = None if labels is None else labels.to(device)
-        for t in sched.timesteps:
-            tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=device)
-            eps = self.guided_noise(sched.scale_model_input(x, t), tt, lab, guidance_scale)
-            if sampler == "ddpm":
-                prev = sched.step(eps, t, x, generator=generators).prev_sample
-                if temperature != 1.0:  # rescale only the freshly added noise: recompute mean-only step
-                    mean = sched.step(eps, t, x, generator=generators, variance_noise=torch.zeros_like(x)).prev_sample
-                    prev = mean + temperature * (prev - mean)
-                x = prev
-            else:
-                x = sched.step(eps, t, x).prev_sample
-        return x.clamp(-1, 1).float()
