@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -58,9 +59,10 @@ class DatasetInferenceConfig:
             raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
         if self.permutations < 19:
             raise ConfigError(f"permutations must be >= 19 (p-values down to 0.05), got {self.permutations}")
-        if (self.permutations + 1) * self.alpha < 1:
+        if (self.permutations + 1) * self.alpha <= 1:
             raise ConfigError(
-                f"{self.permutations} permutations cannot give p < alpha={self.alpha}; use >= {int(1 / self.alpha)}"
+                f"{self.permutations} permutations cannot give p < alpha={self.alpha} (smallest p: "
+                f"1/{self.permutations + 1}); use >= {int(1 / self.alpha)}"
             )
 
 
@@ -187,3 +189,44 @@ def dataset_inference(
         "features": feature_names(config),
     }
     return results, fs, fu
+
+
+def run_dataset_inference(
+    config: DatasetInferenceConfig, generator: Generator, suspect: ImageSet, unseen: ImageSet, run: Any
+) -> dict[str, object]:
+    """Dataset inference into the run directory ``run`` (a :class:`~diffaudit.runs.RunDir`): ``results.json``
+    (``dataset_inference``: p-value, statistic, sizes, ``used`` at ``alpha``, images needed, p by size; an empty
+    ``attacks``), ``scores.json`` (per image: id, set, features) and a ``metrics.jsonl`` row; returns results."""
+    import time
+
+    from diffaudit.io import atomic_write_json
+
+    t0 = time.perf_counter()
+    found, fs, fu = dataset_inference(generator, suspect, unseen, config)
+    seconds = time.perf_counter() - t0
+    names = feature_names(config)
+    rows = [
+        {"id": str(i), "set": which, **{n: float(v) for n, v in zip(names, f, strict=True)}}
+        for which, data, feats in (("suspect", suspect, fs), ("unseen", unseen, fu))
+        for i, f in zip(data.ids, feats, strict=True)
+    ]
+    queries = (
+        len(config.timesteps) * config.noise_draws
+        + pia.QUERIES
+        + 1
+        + secmi.secmi_queries(config.secmi_t, config.secmi_k)
+    )
+    results: dict[str, object] = {
+        "dataset_inference": found,
+        "attacks": {},
+        "target": {"model_id": generator.model_id, "family": generator.describe().get("family")},
+        "costs": {
+            "queries_per_image": queries,
+            "seconds_per_image": seconds / (len(suspect) + len(unseen)),
+        },
+        "seconds": seconds,
+    }
+    atomic_write_json(run.file("results.json"), results)
+    atomic_write_json(run.file("scores.json"), rows)
+    run.log({k: found[k] for k in ("p_value", "statistic", "num_suspect", "num_unseen", "images_needed")})
+    return results

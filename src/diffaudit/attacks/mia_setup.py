@@ -258,3 +258,28 @@ def load_inputs(
 
         wen_conditions = tuple(e.prompt for e in read_prompts(Path(prompts)))
     return MiaInputs(gen, cand, mem, non, base, wen_conditions, info)
+
+
+def load_suspect_sets(
+    model: str, suspect: str, unseen: str, device: str | None = None, dtype: str = "auto"
+) -> tuple[Generator, ImageSet, ImageSet, dict[str, Any]]:
+    """Open ``--model`` and the ``--suspect`` / ``--unseen`` sources of dataset inference (at the model's resolution
+    and channels, center crop), before any run directory exists."""
+    from diffaudit.data.sources import SourceOptions, load_source_with_info
+    from diffaudit.generators import load_generator
+
+    gen = load_generator(model, device=device, dtype=dtype)
+    c, h, _ = gen.image_shape
+    opts = SourceOptions(resolution=h, channels=c, resize_policy="center-crop")
+    info: dict[str, Any] = {}
+    sets = []
+    for option, spec in (("--suspect", suspect), ("--unseen", unseen)):
+        images, src_info = load_source_with_info(spec, opts)
+        info[spec] = {k: v for k, v in src_info.items() if k != "canaries"}
+        if len(images) < 4:
+            raise DataError(f"{option} {spec}: dataset inference needs at least 4 images, got {len(images)}")
+        sets.append(images)
+    overlap = np.intersect1d(sets[0].ids, sets[1].ids)
+    if overlap.size:
+        raise DataError(f"--suspect and --unseen share {overlap.size} images; the unseen set must be disjoint")
+    return gen, sets[0], sets[1], info

@@ -84,11 +84,27 @@ def register(app: typer.Typer) -> None:
         wen: bool = typer.Option(True, "--wen/--no-wen", help="run Wen et al.'s per-condition detector on the target"),
         wen_seeds: int = typer.Option(16, min=2, help="seeds per condition for the Wen detector"),
         extract_run: Path = typer.Option(None, help="an extract run (results.json) to compare clique flags with"),
+        attacks: str = typer.Option(
+            "pia,pian,secmi-stat,secmi-nn,gsa", help="attacks beside loss/LiRA, comma-separated ('' for none)"
+        ),
+        pia_t: int = typer.Option(200, help="PIA/PIAN timestep (Kong et al.: 200 of 1000)"),
+        secmi_t: int = typer.Option(100, help="SecMI t_sec (Duan et al.: 100 of 1000)"),
+        secmi_k: int = typer.Option(10, help="SecMI DDIM interval k (Duan et al.: 10)"),
+        suspect: str = typer.Option(None, help="dataset inference: SOURCE suspected to be in --model's training"),
+        unseen: str = typer.Option(None, help="dataset inference: SOURCE known not to be in training"),
+        alpha: float = typer.Option(0.01, help="dataset inference: significance level"),
+        permutations: int = typer.Option(499, help="dataset inference: permutations of the test"),
         resume: bool = typer.Option(False, "--resume", help="continue; finished models are not retrained"),
         dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
     ) -> None:
         """Membership inference: fit a target and K shadows on random halves of a pool (or attack --model with
         --members), attack with the loss threshold and LiRA, write the ROC; then Wen et al.'s detector."""
+        if suspect is not None or unseen is not None:
+            _dataset_inference(
+                out, model, suspect, unseen, dtype, parse_timesteps(timesteps), noise_draws, alpha, permutations,
+                pia_t, secmi_t, secmi_k, seed, batch_size, resume, dry_run,
+            )  # fmt: skip
+            return
         from diffaudit.attacks.mia_setup import ShadowTraining, build_setup, load_inputs
         from diffaudit.attacks.shadow import MiaConfig
         from diffaudit.cli.common import resolve_preset
@@ -141,6 +157,10 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size,
             steps=steps,
             keep_models=keep_models,
+            query_attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
+            pia_t=pia_t,
+            secmi_t=secmi_t,
+            secmi_k=secmi_k,
         )
         setup, made = build_setup(
             mcfg,
@@ -190,3 +210,62 @@ def _run(mcfg, setup, resolved, out, resume, wen, wen_seeds, extract_run, cfg) -
             if report is None:
                 err.print("Wen detector skipped: the target is unconditional")
     err.print(f"results in {out / 'results.json'}, ROC {out / 'roc.png'}")
+
+
+def _dataset_inference(  # noqa: PLR0913
+    out: Path,
+    model: str | None,
+    suspect: str | None,
+    unseen: str | None,
+    dtype: str,
+    timesteps: tuple[int, ...],
+    noise_draws: int,
+    alpha: float,
+    permutations: int,
+    pia_t: int,
+    secmi_t: int,
+    secmi_k: int,
+    seed: int,
+    batch_size: int,
+    resume: bool,
+    dry_run: bool,
+) -> None:
+    """``--suspect SOURCE --unseen SOURCE --model M``: was the suspect set used to train the model?"""
+    from diffaudit.attacks.dataset_inference import DatasetInferenceConfig, run_dataset_inference
+    from diffaudit.attacks.mia_setup import load_suspect_sets
+    from diffaudit.runs import RunDir
+
+    if suspect is None or unseen is None:
+        raise ConfigError("dataset inference needs both --suspect and --unseen (images known not to be in training)")
+    if model is None:
+        raise ConfigError("dataset inference needs --model (the model suspected of training on --suspect)")
+    cfg = DatasetInferenceConfig(
+        timesteps=timesteps, noise_draws=noise_draws, pia_t=pia_t, secmi_t=secmi_t, secmi_k=secmi_k,
+        alpha=alpha, permutations=permutations, seed=seed, batch_size=min(batch_size, 64),
+    )  # fmt: skip
+    cfg.validate()
+    gen, sus, uns, info = load_suspect_sets(model, suspect, unseen, None, dtype)
+    resolved = {
+        "dataset_inference": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()},
+        "model": model,
+        "suspect": suspect,
+        "unseen": unseen,
+        "data_info": info,
+        "choices": {
+            "test": {
+                "value": "permutation test of the cross-fitted AUC of a ridge combination of per-image signals",
+                "reason": "exact under the null (suspect and unseen exchangeable) for any set sizes",
+            }
+        },
+    }
+    if dry_run:
+        print_json(resolved)
+        return
+    with RunDir(out, kind="mia", resume=resume) as run:
+        run.write_config(resolved)
+        found = run_dataset_inference(cfg, gen, sus, uns, run)["dataset_inference"]
+    print_table(
+        "dataset inference",
+        {k: found[k] for k in ("p_value", "statistic", "num_suspect", "num_unseen", "used", "images_needed")},
+    )
+    err.print(f"results in {out / 'results.json'}")
