@@ -1,4 +1,4 @@
-"""Training-data extraction by generate-and-filter (Carlini et al. 2023, Sec. 4 and 5; RESEARCH.md section 1).
+"""Training-data extraction by generate-and-filter (Carlini et al. 2023, Sec. 4 and 5; docs/background.md section 1).
 
 Per label (our "prompt"): N generations with logged seeds; tiled L2 (``grid x grid`` tiles, max over tiles)
 between all pairs; a graph with an edge where the distance is below ``edge_threshold``; the exact largest clique

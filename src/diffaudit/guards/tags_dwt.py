@@ -40,7 +40,7 @@ def _bytes_to_bits(message: bytes) -> tuple[int, ...]:
     return tuple(int(b) for b in np.unpackbits(np.frombuffer(message, dtype=np.uint8)))
 
 
-#: Tags written by public models (RESEARCH.md section 5).
+#: Tags written by public models (docs/background.md section 5).
 KNOWN_TAGS: dict[str, KnownTag] = {
     "sd-v1": KnownTag(
         "sd-v1", _bytes_to_bits(b"StableDiffusionV1"), "dwtDct", 'Stable Diffusion v1: "StableDiffusionV1"'

@@ -1,7 +1,7 @@
 """In-house feature networks: a small CNN trained on the reference data, and its on-disk cache.
 
 Inception weights cannot be downloaded here, so the distribution metrics use a network trained on the real
-(reference) images themselves, as in the MNIST "LeNet FID" (RESEARCH.md section 4):
+(reference) images themselves, as in the MNIST "LeNet FID" (docs/background.md section 4):
 
 * labelled references train a **classifier** (features = penultimate layer);
 * unlabelled references train an **autoencoder** with the same convolutional trunk (features = bottleneck).

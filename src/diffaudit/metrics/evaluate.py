@@ -53,7 +53,7 @@ RESULT_KEYS = (
 #: compute_metrics keywords that evaluate passes through (everything else it sets itself).
 METRIC_OPTIONS = ("k_pr", "k_dc", "kid_subsets", "kid_subset_size", "block")
 
-#: Carlini et al.'s extraction threshold on the normalized L2 (RESEARCH.md section 1).
+#: Carlini et al.'s extraction threshold on the normalized L2 (docs/background.md section 1).
 DEFAULT_DELTA = 0.15
 
 
