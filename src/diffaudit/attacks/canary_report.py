@@ -20,8 +20,9 @@ def canary_report(
     records: Sequence[dict[str, object]],
     canaries: Sequence[dict[str, object]],
     train: ImageSet,
-    generations: ImageSet,
+    generations: ImageSet | None,
     delta: float = DEFAULT_DELTA,
+    nearest: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, object]:
     """Extraction rate against duplication count (Carlini Fig. 5 at small scale), and clique-flag precision/recall.
 
@@ -31,6 +32,9 @@ def canary_report(
         train: the training set the canaries are in.
         generations: every generation of the scan (for the "any generation within delta" oracle).
         delta: extraction threshold.
+        nearest: instead of ``generations``, each canary's nearest generation already found: normalized L2
+            float32 ``(C,)`` and its seed int64 ``(C,)``, in table order (:func:`nearest_generations` per block
+            of generations, combined by :func:`closest_of`; a sharded scan keeps no other generation).
 
     Returns:
         ``{"by_copies": {copies: {"num", "clique_extracted", "clique_rate", "any_generation", "any_rate"}},
@@ -48,10 +52,12 @@ def canary_report(
     flagged = [c for r in records for c in r[CLIQUES] if c[FLAGGED]]
     clique_hits = {str(c[NEAREST_TRAIN_ID]) for c in flagged if c[EXTRACTED]}
     first = {i: int(np.flatnonzero(train.ids == i)[0]) for i in canary_ids}
-    canary_images = train.images[[first[i] for i in canary_ids]]
-    dist, gidx = distances.nearest_neighbors(canary_images, generations.images, k=1, metric="l2")
+    if nearest is None:
+        if generations is None:
+            raise DataError("the canary report needs the generations or their nearest generation per canary")
+        nearest = nearest_generations(train.images[[first[i] for i in canary_ids]], generations)[:2]
     per: list[dict[str, object]] = []
-    for c, d, g in zip(canaries, dist[:, 0], gidx[:, 0], strict=True):
+    for c, d, seed in zip(canaries, nearest[0], nearest[1], strict=True):
         cid = str(c["id"])
         per.append(
             {
@@ -60,7 +66,7 @@ def canary_report(
                 "label": int(c["label"]),
                 "clique_extracted": cid in clique_hits,
                 "nearest_generation_l2": float(d),
-                "nearest_generation_seed": int(generations.provenance["seed"][g]),
+                "nearest_generation_seed": int(seed),
                 "any_generation_within_delta": bool(d <= delta),
             }
         )
@@ -88,3 +94,34 @@ def canary_report(
         ),
         "per_canary": per,
     }
+
+
+def canary_images(canaries: Sequence[dict[str, object]], train: ImageSet) -> np.ndarray:
+    """uint8 ``(C, ...)``: the first training copy of each canary, in table order."""
+    return train.images[[int(np.flatnonzero(train.ids == str(c["id"]))[0]) for c in canaries]]
+
+
+def nearest_generations(queries: np.ndarray, generations: ImageSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each query's nearest generation in normalized L2: distance float32 ``(C,)``, seed and index int64 ``(C,)``.
+
+    Exact distances with ties to the lowest index (:func:`diffaudit.distances.nearest_neighbors`), so blocks of
+    generations combined by :func:`closest_of` give the answer over all of them.
+    """
+    if len(generations) == 0:
+        n = len(queries)
+        return np.full(n, np.inf, np.float32), np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+    dist, idx = distances.nearest_neighbors(queries, generations.images, k=1, metric="l2")
+    index = idx[:, 0].astype(np.int64)
+    return dist[:, 0].astype(np.float32), generations.provenance["seed"][index].astype(np.int64), index
+
+
+def closest_of(blocks: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Combine per-block ``(distance, seed)`` of :func:`nearest_generations`, blocks in generation order.
+
+    The first block with the smallest distance wins, as the lowest index does over all generations at once.
+    """
+    dist = np.stack([b[0] for b in blocks])
+    seeds = np.stack([b[1] for b in blocks])
+    best = np.argmin(dist, axis=0)  # argmin returns the first minimum: the earliest block on ties
+    cols = np.arange(dist.shape[1])
+    return dist[best, cols], seeds[best, cols]

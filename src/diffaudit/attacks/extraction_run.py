@@ -24,6 +24,7 @@ import numpy as np
 from diffaudit.attacks import extraction as ex
 from diffaudit.attacks.calibration import DEFAULT_NOISE_STD, DEFAULT_NUM_PAIRS, DEFAULT_TARGET_FPR
 from diffaudit.attacks.extraction_data import TrainingData, open_audit, train_with_canaries
+from diffaudit.attacks.extraction_pieces import GEN_DIR, KEEP, finish, has_piece, make_piece
 from diffaudit.config import SampleConfig, validate_sample
 from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import ConfigError, DataError
@@ -79,6 +80,8 @@ class ExtractConfig:
         untargeted: also run the adaptive-ratio filter over all generations, with ``alpha``, ``n_neighbors``.
         canaries, preset, steps, overrides: train a class model with these canary copy counts first.
         resume: continue ``run_dir``; finished conditions are read back, not regenerated.
+        keep_generations: ``all`` keeps every generation (``generations.npz``); ``cliques`` keeps only the
+            members of flagged cliques and the untargeted hits (results.json is the same either way).
         device, dtype: where and in what precision to run (None: ``--device`` / auto).
     """
 
@@ -106,8 +109,11 @@ class ExtractConfig:
     device: str | None = None
     dtype: str = "auto"
     show_progress: bool = True
+    keep_generations: str = "all"
 
     def __post_init__(self) -> None:
+        if self.keep_generations not in KEEP:
+            raise ConfigError(f"keep_generations must be one of {', '.join(KEEP)}, got {self.keep_generations!r}")
         if self.calibration is not None and self.edge_threshold is not None:
             raise ConfigError("give either an edge threshold or calibration, not both")
         if self.model is None and not self.canaries:
@@ -165,7 +171,7 @@ def scan_condition(
     return ex.scan_label(gens, train, params, label, label_name), gens
 
 
-def _scan_labels(spec: str, conditions: Sequence[str]) -> list[int]:
+def scan_labels(spec: str, conditions: Sequence[str]) -> list[int]:
     from diffaudit.generators.select import parse_labels
 
     if not conditions:
@@ -175,8 +181,12 @@ def _scan_labels(spec: str, conditions: Sequence[str]) -> list[int]:
     return [int(parse_labels(item.strip(), 1, conditions)[0]) for item in spec.split(",")]
 
 
-def _edge_threshold(config: ExtractConfig, train: ImageSet, run: RunDir) -> tuple[float, dict[str, object]]:
-    """The edge threshold and how it was chosen (calibrated on ``train``, given, or the default)."""
+def edge_threshold(config: ExtractConfig, train: ImageSet, roc: Path | None) -> tuple[float, dict[str, object]]:
+    """The edge threshold and how it was chosen (calibrated on ``train``, given, or the default).
+
+    Deterministic (calibration draws from ``config.seed``), so every shard of a run computes the same value.
+    ``roc``: where to draw the calibration's ROC (None: nowhere).
+    """
     if config.calibration is None:
         given = config.edge_threshold is not None
         value = config.edge_threshold if given else ex.DEFAULT_EDGE_THRESHOLD
@@ -189,13 +199,14 @@ def _edge_threshold(config: ExtractConfig, train: ImageSet, run: RunDir) -> tupl
 
     c = config.calibration
     cal = calibrate_edge_threshold(train, config.grid, c.target_fpr, c.pairs, c.noise_std, config.seed)
-    ex.save_roc_plot(cal.roc_fpr, cal.roc_tpr, (cal.fpr, cal.tpr), run.file("roc.png"))
+    if roc is not None:
+        ex.save_roc_plot(cal.roc_fpr, cal.roc_tpr, (cal.fpr, cal.tpr), roc)
     chosen = {"source": "calibrated", "value": cal.threshold, "reason": REASONS["edge_threshold_calibrated"]}
     chosen["calibration"] = cal.to_dict()
     return cal.threshold, chosen
 
 
-def _run_config(config: ExtractConfig, audit: TrainingData, labels: list[int]) -> dict[str, Any]:
+def run_config(config: ExtractConfig, audit: TrainingData, labels: list[int]) -> dict[str, Any]:
     return {
         "model": audit.model_path,
         "model_id": audit.generator.model_id,
@@ -218,6 +229,7 @@ def _run_config(config: ExtractConfig, audit: TrainingData, labels: list[int]) -
         },
         "calibration": None if config.calibration is None else dataclasses.asdict(config.calibration),
         "untargeted": {"alpha": config.alpha, "n_neighbors": config.n_neighbors} if config.untargeted else None,
+        "keep_generations": config.keep_generations,
         "reasons": REASONS,
     }
 
@@ -241,9 +253,9 @@ def run_extract(config: ExtractConfig, run_dir: str | Path) -> dict[str, object]
             model = train_with_canaries(run.file("train"), config)
             audit = open_audit(dataclasses.replace(config, model=str(model)))
         gen, train = audit.generator, audit.train
-        labels = _scan_labels(config.labels, gen.conditions)
-        run.write_config(_run_config(config, audit, labels))
-        threshold, chosen = _edge_threshold(config, train, run)
+        labels = scan_labels(config.labels, gen.conditions)
+        run.write_config(run_config(config, audit, labels))
+        threshold, chosen = edge_threshold(config, train, run.file("roc.png"))
         run.update_manifest(edge_threshold=threshold, canaries=audit.canaries)
         results = {"params": config.params(threshold).to_dict(), "edge_threshold": chosen, "model_id": gen.model_id}
         results.update(_scan_all(run, config, audit, labels, config.params(threshold)))
@@ -256,73 +268,19 @@ def _scan_all(
 ) -> dict[str, object]:
     from diffaudit.generators.select import per_condition_seeds
 
-    gen, train = audit.generator, audit.train
     _, seeds = per_condition_seeds(labels, config.per_label, config.seed, audit.first_seeds)
-    gen_dir = run.file("generations")
+    gen_dir = run.file(GEN_DIR)
     gen_dir.mkdir(exist_ok=True)
     done = {int(r[ex.LABEL]): r for r in run.rows() if r.get("kind") == "label"}
     records: list[dict[str, object]] = []
-    sets: list[ImageSet] = []
     with progress_bar("extract", total=len(labels), enabled=config.show_progress) as bar:
         for pos, lab in enumerate(labels):
-            path = gen_dir / f"label_{lab}.npz"
-            if lab in done and path.exists():
+            if lab in done and has_piece(gen_dir, lab):
                 record = {k: v for k, v in done[lab].items() if k != "kind"}
-                gens = ImageSet.load(path)
             else:
                 part = seeds[pos * config.per_label : (pos + 1) * config.per_label]
-                record, gens = scan_condition(gen, lab, part, train, params, config.sample, audit.label_name(lab))
-                gens.save(path)
+                record = make_piece(audit, config, params, lab, part, gen_dir)
                 run.log({"kind": "label", **record})
             records.append(record)
-            sets.append(gens)
             bar.update(completed=pos + 1, info=f"flagged {sum(bool(r[ex.FLAGGED]) for r in records)}")
-    everything = ImageSet.concat(sets)
-    everything.save(run.file("generations.npz"))
-    out: dict[str, object] = {"labels": sorted(records, key=lambda r: r[ex.LABEL]), "summary": ex.summarize(records)}
-    pairs = _clique_pairs(records, sets, train, out["summary"])
-    if config.untargeted:
-        unt = ex.untargeted_extraction(everything, train, params.delta, params.grid, config.alpha, config.n_neighbors)
-        out["untargeted"] = unt
-        pairs += _untargeted_pairs(unt, everything, train, MAX_PAIRS - len(pairs))
-    if audit.canaries:
-        out["canaries"] = ex.canary_report(records, audit.canaries, train, everything, params.delta)
-        ex.save_duplication_plot(out["canaries"]["by_copies"], run.file("extraction_vs_duplication.png"))
-    ex.save_pairs_figure(pairs, run.file("extracted_pairs.png"))
-    return out
-
-
-#: Rows of the extracted-pairs figure.
-MAX_PAIRS = 16
-Pair = tuple[np.ndarray, np.ndarray, float, str]
-
-
-def _clique_pairs(
-    records: list[dict[str, Any]], sets: list[ImageSet], train: ImageSet, summary: dict[str, Any]
-) -> list[Pair]:
-    """Flagged, extracted clique representatives beside their training match, by mean distance in the clique."""
-    by_label = {int(r[ex.LABEL]): (pos, r) for pos, r in enumerate(records)}
-    pairs: list[Pair] = []
-    for item in summary[ex.RANKING]:
-        pos, r = by_label[item[ex.LABEL]]
-        for c in r[ex.CLIQUES]:
-            if c[ex.FLAGGED] and c[ex.EXTRACTED] and len(pairs) < MAX_PAIRS:
-                caption = f"{r[ex.LABEL_NAME]} clique {c[ex.CLIQUE_SIZE]}"
-                gen = sets[pos].images[c[ex.REPRESENTATIVE]]
-                pairs.append((gen, train.images[c[ex.NEAREST_TRAIN_INDEX]], c[ex.NEAREST_TRAIN_DISTANCE], caption))
-    return pairs
-
-
-def _untargeted_pairs(unt: dict[str, Any], everything: ImageSet, train: ImageSet, room: int) -> list[Pair]:
-    """Untargeted hits (one per training image) beside their training match."""
-    pairs: list[Pair] = []
-    seen: set[str] = set()
-    for p in unt["pairs"]:
-        if len(pairs) >= room:
-            break
-        if p["train_id"] in seen:
-            continue
-        seen.add(p["train_id"])
-        caption = f"seed {p['seed']} R={p['ratio']:.2f}"
-        pairs.append((everything.images[p["generation"]], train.images[p["train_index"]], p["l2"], caption))
-    return pairs
+    return finish(run.path, config, audit, labels, params, records)

@@ -33,24 +33,35 @@ def untargeted_extraction(
     from diffaudit.metrics import memorization as mem
 
     rep = mem.memorization_report(generations.images, train.images, delta, grid, alpha, n_neighbors)
-    extracted, within = rep[mem.EXTRACTED], rep[mem.WITHIN_DELTA]
-    nn = rep[mem.NN_INDEX]
+    return untargeted_from_report(rep, generations.provenance["seed"], train.ids)
+
+
+def untargeted_from_report(rep: dict[str, object], seeds: np.ndarray, train_ids: np.ndarray) -> dict[str, object]:
+    """:func:`untargeted_extraction`'s result from a memorization report (per-sample arrays and summary).
+
+    ``seeds``: int64 ``(N,)`` of the generations, in the report's order; ``train_ids``: str ``(M,)``. A report
+    assembled from blocks of generations (their per-sample arrays concatenated, the summary by
+    :func:`diffaudit.metrics.memorization.report_summary`) gives the same result as one over all of them.
+    """
+    from diffaudit.metrics import memorization as mem
+
+    extracted, within = np.asarray(rep[mem.EXTRACTED]), np.asarray(rep[mem.WITHIN_DELTA])
+    nn, nn_l2, ratio = np.asarray(rep[mem.NN_INDEX]), np.asarray(rep[mem.NN_L2]), np.asarray(rep[mem.ADAPTIVE_RATIO])
     hits = np.flatnonzero(extracted & within)
-    hits = hits[np.argsort(rep[mem.NN_L2][hits], kind="stable")]
-    seeds = generations.provenance["seed"]
+    hits = hits[np.argsort(nn_l2[hits], kind="stable")]
     return {
         "summary": rep[mem.SUMMARY],
-        "extracted_train_ids": sorted({str(train.ids[i]) for i in nn[extracted]}),
-        "extracted_and_within_delta_train_ids": sorted({str(train.ids[nn[i]]) for i in hits}),
-        "within_delta_train_ids": sorted({str(train.ids[i]) for i in nn[within]}),
+        "extracted_train_ids": sorted({str(train_ids[i]) for i in nn[extracted]}),
+        "extracted_and_within_delta_train_ids": sorted({str(train_ids[nn[i]]) for i in hits}),
+        "within_delta_train_ids": sorted({str(train_ids[i]) for i in nn[within]}),
         "pairs": [
             {
                 "generation": int(i),
                 "seed": int(seeds[i]),
                 "train_index": int(nn[i]),
-                "train_id": str(train.ids[nn[i]]),
-                "l2": float(rep[mem.NN_L2][i]),
-                "ratio": float(rep[mem.ADAPTIVE_RATIO][i]),
+                "train_id": str(train_ids[nn[i]]),
+                "l2": float(nn_l2[i]),
+                "ratio": float(ratio[i]),
             }
             for i in hits
         ],

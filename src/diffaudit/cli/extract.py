@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from diffaudit.cli.common import err, print_table
+from diffaudit.cli.common import err, print_table, user_text
 
 # Defaults repeated here (not imported) so that ``--help`` imports nothing heavy; tests check they agree.
 DEFAULT_PER_LABEL = 500
@@ -22,6 +22,10 @@ DEFAULT_TARGET_FPR = 1e-3
 DEFAULT_NUM_PAIRS = 2000
 DEFAULT_NOISE_STD = 0.03
 
+SHARD_HELP = (
+    "scan only shard i/n (0-based) of the conditions into OUT/shards/, or auto (SLURM array, Kubernetes "
+    "JOB_COMPLETION_INDEX + DIFFAUDIT_SHARD_COUNT, RANK/WORLD_SIZE); then: diffaudit merge OUT"
+)
 MODEL_HELP = (
     "model or train-run directory, analytic model directory, or diffusers pipeline directory (sd:PATH accepted); "
     "omit with --canaries to train a class model first"
@@ -70,6 +74,14 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("auto", help="auto | fp32 | fp16 | bf16 (pipelines)"),
         resume: bool = typer.Option(False, "--resume", help="continue a run: finished conditions are not redone"),
         progress: bool = typer.Option(True, help="show progress bars"),
+        keep_generations: str = typer.Option(
+            "all", help="all | cliques: keep every generation, or only flagged clique members and untargeted hits"
+        ),
+        shard: str = typer.Option(None, help=SHARD_HELP),
+        shards: int = typer.Option(0, min=0, help="run all of N shards with --engine, then merge (0: no shards)"),
+        engine: str = typer.Option("local", help="local (this process) | ray (Ray tasks; needs the ray extra)"),
+        address: str = typer.Option(None, help="Ray cluster address (auto, ray://HOST:10001); default: a local one"),
+        cpus_per_task: float = typer.Option(1.0, min=0.01, help="Ray: CPUs per task (fractions allowed)"),
     ) -> None:
         """Generate per condition, find cliques of near-identical generations, match them to the training set."""
         from diffaudit.attacks import extraction as ex
@@ -105,8 +117,14 @@ def register(app: typer.Typer) -> None:
             resume=resume,
             dtype=dtype,
             show_progress=progress,
+            keep_generations=keep_generations,
         )
-        results = run_extract(config, out)
+        if shard is not None or shards > 0 or engine != "local":
+            results = _sharded(config, out, shard, shards, engine, address, cpus_per_task, progress)
+            if results is None:
+                return
+        else:
+            results = run_extract(config, out)
         s = results["summary"]
         rows = {k: s[k] for k in (ex.NUM_LABELS, ex.NUM_FLAGGED, ex.FLAGGED_CLIQUES, ex.NUM_EXTRACTED)}
         rows["edge_threshold"] = results["edge_threshold"]["value"]
@@ -114,3 +132,29 @@ def register(app: typer.Typer) -> None:
             rows["untargeted_extracted"] = len(results["untargeted"]["extracted_and_within_delta_train_ids"])
         print_table("extraction", rows)
         err.print(f"results in {out / 'results.json'}")
+
+
+def _sharded(config, out: Path, shard, shards: int, engine: str, address, cpus: float, progress: bool) -> dict | None:
+    """``--shard i/n``: one shard (returns None); ``--shards N --engine E``: all N, merged (returns the results)."""
+    import os
+
+    from diffaudit.errors import ConfigError
+    from diffaudit.scale.engines import ENGINES, extract_stage, run_stage
+    from diffaudit.scale.shards import parse_shard
+
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if config.resume:
+        raise ConfigError("--resume with shards: finished shards are skipped anyway; drop --resume")
+    if shard is not None:
+        if shards or engine != "local":
+            raise ConfigError("--shard i/n runs one shard in this process; use --shards N --engine E to run them all")
+        spec = parse_shard(shard)
+        folder = extract_stage().run_unit(config, out, spec, progress)
+        err.print(f"shard {spec.label} in {user_text(folder)}; when all {spec.count} are done: diffaudit merge {out}")
+        return None
+    count = shards or (max(1, os.cpu_count() or 1) if engine == "ray" else 1)
+    summary = run_stage(extract_stage(), config, out, count, engine=engine, address=address, num_cpus=cpus,
+                        show_progress=progress)  # fmt: skip
+    err.print(f"{summary['shards']} shards ({summary['ran']} run, {summary['skipped']} already finished) merged")
+    return summary["results"]

@@ -134,20 +134,34 @@ def memorization_report(
         ADAPTIVE_RATIO: adaptive,
         EXTRACTED: extracted,
     }
-    report[SUMMARY] = {
-        NUM_GENERATED: len(nn),
-        NUM_TRAIN: len(train_images),
+    report[SUMMARY] = report_summary(report, len(train_images), delta, grid, alpha, n_neighbors)
+    return report
+
+
+def report_summary(
+    per_sample: dict[str, object], num_train: int, delta: float, grid: int, alpha: float, n_neighbors: int
+) -> dict[str, object]:
+    """The summary of :func:`memorization_report` from its per-sample arrays (``PER_SAMPLE_KEYS``).
+
+    Every per-sample value depends only on its own generated image, so the arrays of several blocks of
+    generations (e.g. one per condition of a sharded extraction) concatenated give the whole set's summary.
+    """
+    within, within_t = np.asarray(per_sample[WITHIN_DELTA]), np.asarray(per_sample[WITHIN_DELTA_TILED])
+    gu_mem, extracted = np.asarray(per_sample[GU_MEMORIZED]), np.asarray(per_sample[EXTRACTED])
+    nn_index = np.asarray(per_sample[NN_INDEX])
+    return {
+        NUM_GENERATED: len(nn_index),
+        NUM_TRAIN: int(num_train),
         DELTA: float(delta),
         GRID: int(grid),
         ALPHA: float(alpha),
         N_NEIGHBORS: int(n_neighbors),
-        N_NEIGHBORS_USED: n_used,
+        N_NEIGHBORS_USED: int(min(n_neighbors, num_train)),
         FRAC_WITHIN_DELTA: float(within.mean()),
         FRAC_WITHIN_DELTA_TILED: float(within_t.mean()),
         FRAC_GU_MEMORIZED: float(gu_mem.mean()),
         FRAC_EXTRACTED: float(extracted.mean()),
         NUM_EXTRACTED: int(extracted.sum()),
-        NUM_TRAIN_EXTRACTED: int(np.unique(idx[extracted, 0]).size),
-        NUM_TRAIN_WITHIN_DELTA: int(np.unique(idx[within, 0]).size),
+        NUM_TRAIN_EXTRACTED: int(np.unique(nn_index[extracted]).size),
+        NUM_TRAIN_WITHIN_DELTA: int(np.unique(nn_index[within]).size),
     }
-    return report

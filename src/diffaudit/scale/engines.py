@@ -43,6 +43,13 @@ def sample_stage() -> Stage:
     return Stage("sample", sample_shard, shard_config_hash)
 
 
+def extract_stage() -> Stage:
+    """Extraction: one unit is a contiguous range of conditions (a clique needs all of a condition's images)."""
+    from diffaudit.attacks.extraction_shards import extract_shard, shard_config_hash
+
+    return Stage("extract", extract_shard, shard_config_hash)
+
+
 def pending(stage: Stage, config: Any, run_dir: Path, count: int) -> list[ShardSpec]:
     """The shards of ``count`` not yet finished with this configuration."""
     chash = stage.config_hash(config)

@@ -24,6 +24,7 @@ from diffaudit.scale.shards import SHARD_MANIFEST, read_shard_manifest, shards_r
 #: kind -> "module:function" of the stage's merger. Extraction, MIA and loops add theirs here.
 MERGERS: dict[str, str] = {
     "sample": "diffaudit.sampling:merge_sample_shards",
+    "extract": "diffaudit.attacks.extraction_shards:merge_extract_shards",
 }
 
 
