@@ -6,7 +6,7 @@ this image, and how far" (:meth:`TrainingIndex.search`) with :func:`diffaudit.di
 whose returned distances are exact, or with faiss when it is installed and asked for (candidates from faiss,
 distances then recomputed exactly).
 
-Two blocking rules are recorded side by side (RESEARCH.md section 1):
+Two blocking rules are recorded side by side (docs/background.md section 1):
 
 * ``calibrated``: block when the distance is below a threshold set on *held-out real images* (images of the
   same source that are not in the index): the threshold is the quantile of their nearest-neighbour distances

@@ -1,7 +1,7 @@
 """Scrubbing a training set: remove tagged images, images a tagless detector calls generated, and near-copies of
 known generated sets.
 
-This is the prevention RESEARCH.md section 3 mentions for self-consuming loops: before a model is retrained,
+This is the prevention docs/background.md section 3 mentions for self-consuming loops: before a model is retrained,
 drop the images that a tag detector, a calibrated synthetic-image detector
 (:class:`diffaudit.detectors.synthetic.CalibratedDetector`, no tag needed) or a near-copy match says are
 synthetic. :func:`scrub` does it for one set and returns what it removed and why; :func:`make_loop_filter` wraps
