@@ -82,14 +82,54 @@ def dataset_inference_study(gen, pool, members: np.ndarray, seed: int, repeats: 
     }
 
 
+def markdown_tables(summary: dict[str, dict]) -> str:
+    """Attack x experiment table: mean and (min, max) over seeds of AUC and TPR at 1% / 0.1% FPR; costs; and
+    the dataset-inference rows."""
+    lines = []
+    for name in EXPERIMENTS:
+        runs = [v for k, v in sorted(summary.items()) if k.rsplit("-s", 1)[0] == name]
+        if not runs:
+            continue
+        lines += [
+            f"\n{name}: {len(runs)} seeds, {runs[0]['pool']['evaluation']} evaluation candidates\n",
+            "| attack | AUC mean (min-max) | TPR@1% mean (min-max) | TPR@0.1% mean (min-max) | queries/img | s/img |",
+            "|---|---|---|---|---|---|",
+        ]
+        for attack in runs[0]["attacks"]:
+            cells = []
+            for key in ("auc", "tpr@1%fpr", "tpr@0.1%fpr"):
+                v = np.array([r["attacks"][attack][key] for r in runs])
+                below = key in runs[0]["attacks"][attack]["below_resolution"]
+                cells.append(f"{v.mean():.3f} ({v.min():.3f}-{v.max():.3f}){' *' if below else ''}")
+            cost = runs[0]["costs"][attack]
+            sec = [r["costs"][attack]["seconds_per_image"] for r in runs if r["costs"][attack]["seconds_per_image"]]
+            lines.append(
+                f"| {attack} | {' | '.join(cells)} | {cost['queries_per_image']} | {np.mean(sec):.3g} |"
+                if sec
+                else f"| {attack} | {' | '.join(cells)} | {cost['queries_per_image']} | - |"
+            )
+        needed = [p["needed"] for r in runs for p in r["dataset_inference"]["power"]]
+        fpr05 = [r["dataset_inference"]["fpr_at_0.05"] for r in runs]
+        fpr01 = [r["dataset_inference"]["fpr_at_0.01"] for r in runs]
+        lines.append(
+            f"\ndataset inference: images needed for p < 0.01 (5 draws x {len(runs)} seeds): {needed}; "
+            f"null FPR at 0.05: {fpr05} (pooled {np.mean(fpr05):.3f}), at 0.01: {fpr01}"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/mia-experiments"))
     parser.add_argument("--only", choices=sorted(EXPERIMENTS), action="append")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--table", action="store_true", help="print the markdown tables of summary.json and exit")
     args = parser.parse_args()
     torch.set_num_threads(1)
     summary_path = args.out / "summary.json"
+    if args.table:
+        print(markdown_tables(json.loads(summary_path.read_text())))
+        return
     for name in args.only or list(EXPERIMENTS):
         exp = EXPERIMENTS[name]
         preset = apply_overrides(get_preset("digits-8"), exp["overrides"])
