@@ -2,10 +2,11 @@
 
 The unit of work is one condition (a class, or a prompt): :func:`scan_condition` generates its images from a
 seed range, runs the tiled-L2 graph and clique search on them and matches the cliques to the training set. It
-is a pure function of (generator, condition, seeds, training set, parameters), so an audit shards by condition
-and a killed run resumes from the conditions already finished (their rows in ``metrics.jsonl`` and images in
-``generations/label_<i>.npz``). Every clique keeps its members' seeds and content ids, so any member can be
-regenerated from its seed.
+is a pure function of (generator, condition, seeds, training set, parameters); each condition leaves a piece
+(:mod:`~diffaudit.attacks.extraction_pieces`: its row in ``metrics.jsonl``, ``generations/label_<i>.npz`` and
+``.extra.npz``), so a killed run resumes from the conditions already finished and an audit shards by condition
+(:mod:`~diffaudit.attacks.extraction_shards`). Every clique keeps its members' seeds and content ids, so any
+member can be regenerated from its seed (``keep_generations="cliques"`` keeps no other generation).
 
 The same code runs for diffaudit's class-conditional U-Net, a diffusers text-to-image pipeline directory
 (conditions: ``prompts`` or the captions of a ``captioned:DIR`` training set) and the analytic Gaussian/GMM;
@@ -238,7 +239,8 @@ def run_extract(config: ExtractConfig, run_dir: str | Path) -> dict[str, object]
     """Scan every chosen condition of ``config.model`` into ``run_dir`` and write results.json and figures.
 
     Files: ``config.json``, ``manifest.json`` (kind ``extract``, edge threshold, canary table),
-    ``metrics.jsonl`` (one row per finished condition), ``generations/label_<i>.npz``, ``generations.npz``,
+    ``metrics.jsonl`` (one row per finished condition), ``generations/label_<i>.npz`` and ``.extra.npz`` (the
+    condition's piece), ``generations.npz`` (only when keeping all generations),
     ``extracted_pairs.png``, and ``roc.png`` (calibration) / ``extraction_vs_duplication.png`` (canaries).
     The model, prompts and training data are opened (and a pipeline without prompts refused) before the run
     directory is created.
