@@ -64,7 +64,16 @@ class ClassCondGenerator(DenoisingGenerator):
         return labels  # -1 (null) is mapped to the model's null class by DiffusionModel.predict_noise
 
     def _predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if cond.is_floating_point():  # class-embedding vectors (condition_embedding), e.g. optimised by Wen et al.
+            return _predict_from_embedding(self.model, z_t, t, cond)
         return self.model.predict_noise(z_t, t, cond)
+
+    def condition_embedding(self, labels: torch.Tensor) -> torch.Tensor:
+        """The U-Net's class-embedding vectors ``float (N, D)`` of ``labels`` (-1: the null class's row)."""
+        if not self.conditional:
+            raise ConfigError("an unconditional model has no condition embedding")
+        mapped = self.model._labels(labels, len(labels), self.device)
+        return self.model.unet.class_embedding(mapped)
 
     def with_conditions(self, conditions: Sequence[str]) -> ClassCondGenerator:
         """A class model's conditions are fixed by training; only the same names are accepted."""
@@ -84,6 +93,23 @@ class ClassCondGenerator(DenoisingGenerator):
             "conditions": list(self.conditions),
             "device": str(self.device),
         }
+
+
+def _predict_from_embedding(
+    model: DiffusionModel, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor
+) -> torch.Tensor:
+    """The U-Net's prediction with its class embedding's output replaced by ``emb`` ``(N, D)``.
+
+    ``UNet2DModel`` adds ``class_embedding(labels)`` to the time embedding; a forward hook returning ``emb`` feeds
+    any vector in its place (differentiably), with dummy labels for the lookup it discards.
+    """
+    unet = model.unet
+    handle = unet.class_embedding.register_forward_hook(lambda _m, _i, out: emb.to(out.device, out.dtype))
+    try:
+        dummy = torch.zeros(z_t.shape[0], dtype=torch.long, device=model.device)
+        return unet(z_t.to(model.device), t.to(model.device), class_labels=dummy).sample
+    finally:
+        handle.remove()
 
 
 class ClassCondTrainer:

@@ -73,6 +73,9 @@ class DenoisingGenerator(DenoisingQueries):
     pixel_space: bool = True
     #: Guidance used when a command is not told one (diffaudit's presets sample at 2.0).
     default_guidance_scale: float = 2.0
+    #: Optional ``hook(generator, output, z_t, t) -> output`` applied to the guided network output at every sampling
+    #: step (anti-memorization guidance, :mod:`diffaudit.guards.mitigations`); set on a copy, never on a shared one.
+    sampling_hook: Any = None
 
     # ---- hooks (subclasses) ---------------------------------------------------------------------------------
     @property
@@ -94,6 +97,21 @@ class DenoisingGenerator(DenoisingQueries):
 
     def _predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def condition_embedding(self, labels: torch.Tensor) -> torch.Tensor:
+        """The conditioning as a float tensor ``_predict`` accepts in place of ``_condition(labels)``.
+
+        Text embeddings ``(N, L, D)`` for pipelines; families whose ``_condition`` is not continuous (class
+        labels) override this. Wen et al.'s inference-time mitigation optimises it.
+        """
+        cond = self._condition(labels)
+        if not cond.is_floating_point():
+            raise ConfigError(f"{type(self).__name__} has no continuous condition embedding to optimise")
+        return cond
+
+    def _sampling_condition(self, labels: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        """The conditioning of one sampling batch (requests ``(labels[i], seeds[i])``); a copy may override it."""
+        return self._condition(labels)
 
     # ---- derived ---------------------------------------------------------------------------------------------
     @property
@@ -137,12 +155,14 @@ class DenoisingGenerator(DenoisingQueries):
             z = sched.add_noise(z0, fwd * temperature, t0) if len(timesteps) else z0
         generators = [torch.Generator().manual_seed(int(s) + STEP_SEED_OFFSET) for s in seeds]
         lab = torch.from_numpy(labels).to(dev)
-        cond = self._condition(lab)
+        cond = self._sampling_condition(lab, seeds)
         null = self._condition(torch.full_like(lab, NULL_CONDITION)) if self.conditional else cond
         scales = guidance_scales(guidance_scale, len(timesteps), guidance_schedule)
         for t, w in zip(timesteps, scales, strict=True):
             tt = torch.full((z.shape[0],), int(t), dtype=torch.long, device=dev)
             eps = self._guided(sched.scale_model_input(z, t), tt, cond, null, w)
+            if self.sampling_hook is not None:
+                eps = self.sampling_hook(self, eps, z, int(t))
             if sampler == "ddpm":
                 states = [g.get_state() for g in generators]
                 z_prev = sched.step(eps, t, z, generator=generators).prev_sample
