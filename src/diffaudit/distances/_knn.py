@@ -15,6 +15,7 @@ Correctness argument (what makes the result independent of block sizes, duplicat
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from diffaudit.distances._engine import (
@@ -56,20 +57,52 @@ def select_le(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Query and reference indices (int64) of the entries of ``sq_t`` (m, b) with ``sq_t[j, i] <= thr[i]``.
 
-    ``sq_t`` is reference-major and contiguous; ``gmin`` is its :func:`group_min` when already computed.
+    Sorted by query index (then reference index). ``sq_t`` is reference-major and contiguous; ``gmin`` is its
+    :func:`group_min` when already computed.
     """
     m, b = sq_t.shape
     if gmin is None:
         gmin = group_min(sq_t)
-    g, i = torch.nonzero(gmin <= thr[None, :], as_tuple=True)
-    if not len(g):
+    mg = m - m % _GROUP
+    passed = gmin[: mg // _GROUP] <= thr[None, :]  # (ng, b)
+    g, i = torch.nonzero(passed, as_tuple=True)  # group-major: the gather below walks memory in order
+    qs, rs = [], []
+    if len(g):
+        # One advanced-indexing gather of the passing groups' (P, G) values: no (P, G) index arithmetic.
+        vals = sq_t[:mg].view(mg // _GROUP, _GROUP, b)[g, :, i]
+        # Reorder the (small) gathered rows query-major without a sort: a passing group's group-major
+        # position is the running count of passing groups before it.
+        qmaj = passed.T.nonzero(as_tuple=True)
+        rank = torch.cumsum(passed.view(-1), 0).sub_(1)[qmaj[1] * b + qmaj[0]]
+        i, g, vals = qmaj[0], qmaj[1], vals[rank]
+        p, t = torch.nonzero(vals <= thr[i][:, None], as_tuple=True)
+        qs.append(i[p])
+        rs.append(g[p] * _GROUP + t)
+    if mg < m and bool((gmin[-1] <= thr).any()):  # the short last group: compared directly
+        it, rt = torch.nonzero((sq_t[mg:] <= thr[None, :]).T, as_tuple=True)
+        qs.append(it)
+        rs.append(rt + mg)
+    if not qs:
         empty = torch.empty(0, dtype=torch.int64, device=sq_t.device)
         return empty, empty
-    j = g[:, None] * _GROUP + torch.arange(_GROUP, device=sq_t.device)[None, :]  # (P, G) candidate rows
-    inside = j < m
-    vals = sq_t.reshape(-1)[j.clamp_max(m - 1) * b + i[:, None]]
-    p, t = torch.nonzero((vals <= thr[i][:, None]) & inside, as_tuple=True)
-    return i[p], j[p, t]
+    if len(qs) == 1:
+        return qs[0], rs[0]
+    qi, rj = torch.cat(qs), torch.cat(rs)
+    order = torch.argsort(qi, stable=True)  # only when the block has a short last group
+    return qi[order], rj[order]
+
+
+def k_smallest_rows(pool: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` smallest values of every row of ``pool`` (b, n), unordered: (b, min(k, n)).
+
+    On the CPU numpy's introselect is ~30x faster than ``torch.topk`` for short rows (measured: 0.3 ms vs
+    9.5 ms for 1024 rows of 114 values), and this runs once per block.
+    """
+    if pool.shape[1] <= k:
+        return pool
+    if pool.device.type == "cpu":
+        return torch.from_numpy(np.partition(pool.numpy(), k - 1, axis=1)[:, :k])
+    return pool.topk(k, dim=1, largest=False, sorted=False).values
 
 
 def _rank_in_rows(keys: list[torch.Tensor]) -> torch.Tensor:
@@ -99,27 +132,41 @@ class _Candidates:
         self.size = 0
 
     def add(self, rows: torch.Tensor, cols: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ex: torch.Tensor) -> None:
-        """Append flat entries (any order); ``ex`` is the exact value where already known, else NaN."""
+        """Append flat entries (ideally sorted by row); ``ex`` is the exact value where already known, else NaN."""
         self._pending.append((rows, cols, lo, hi, ex))
         self.size += len(rows)
 
     def _merge(self) -> None:
-        """Lay the padded entries and the pending flat ones out as new padded (b, C) tensors."""
+        """Lay the padded entries and the pending flat ones out as new padded (b, C) tensors.
+
+        A counting placement, not a sort: each piece is sorted by row (padded entries come row-major from
+        ``nonzero``; :func:`select_le` output is query-sorted), so an entry's slot is the count of its row's
+        entries in earlier pieces plus its rank within its piece's run of that row.
+        """
         if not self._pending:
             return
         qi, cj = torch.nonzero(self.lo < torch.inf, as_tuple=True)
-        flat = [(qi, self.idx[qi, cj], self.lo[qi, cj], self.hi[qi, cj], self.ex[qi, cj]), *self._pending]
-        rows, cols, lo, hi, ex = (torch.cat(parts) for parts in zip(*flat, strict=True))
-        order = torch.argsort(rows, stable=True)
-        rows, cols, lo, hi, ex = rows[order], cols[order], lo[order], hi[order], ex[order]
-        count = torch.bincount(rows, minlength=self.b)
-        pos = torch.arange(len(rows), device=rows.device) - (torch.cumsum(count, 0) - count)[rows]
-        width = int(count.max()) if len(rows) else 0
-        shape, dev = (self.b, width), rows.device
+        pieces = [(qi, self.idx[qi, cj], self.lo[qi, cj], self.hi[qi, cj], self.ex[qi, cj]), *self._pending]
+        dev = qi.device
+        filled = torch.zeros(self.b, dtype=torch.int64, device=dev)
+        placed = []
+        for piece in pieces:
+            rows = piece[0]
+            if len(rows) > 1 and not bool((rows[1:] >= rows[:-1]).all()):
+                order = torch.argsort(rows, stable=True)
+                piece = tuple(t[order] for t in piece)
+                rows = piece[0]
+            count = torch.bincount(rows, minlength=self.b)
+            pos = torch.arange(len(rows), device=dev) - (torch.cumsum(count, 0) - count)[rows] + filled[rows]
+            filled += count
+            placed.append((pos, piece))
+        width = int(filled.max()) if self.b else 0
+        shape = (self.b, width)
         self.idx = torch.full(shape, -1, dtype=torch.int64, device=dev)
         self.lo, self.hi, self.ex = (torch.full(shape, torch.inf, dtype=torch.float64, device=dev) for _ in range(3))
-        for dst, src in ((self.idx, cols), (self.lo, lo), (self.hi, hi), (self.ex, ex)):
-            dst[rows, pos] = src
+        for pos, (rows, cols, lo, hi, ex) in placed:
+            for dst, src in ((self.idx, cols), (self.lo, lo), (self.hi, hi), (self.ex, ex)):
+                dst[rows, pos] = src
         self._pending = []
 
     def _kth_hi(self, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -159,15 +206,19 @@ class _Candidates:
         return u
 
     def _pack(self, keep: torch.Tensor) -> None:
-        order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)
+        """Keep the entries in ``keep`` (b, C), moved to the front of their rows in order (no sort)."""
+        rows, cols = torch.nonzero(keep, as_tuple=True)  # row-major
+        pos = torch.cumsum(keep, dim=1)[rows, cols] - 1
         count = keep.sum(1)
         width = int(count.max()) if len(count) else 0
-        order = order[:, :width]
-        valid = torch.arange(width, device=keep.device)[None, :] < count[:, None]
-        self.idx = torch.where(valid, self.idx.gather(1, order), -1)
-        self.lo = torch.where(valid, self.lo.gather(1, order), torch.inf)
-        self.hi = torch.where(valid, self.hi.gather(1, order), torch.inf)
-        self.ex = torch.where(valid, self.ex.gather(1, order), torch.inf)
+        shape = (keep.shape[0], width)
+        idx = torch.full(shape, -1, dtype=torch.int64, device=keep.device)
+        idx[rows, pos] = self.idx[rows, cols]
+        self.idx = idx
+        for name in ("lo", "hi", "ex"):
+            new = torch.full(shape, torch.inf, dtype=torch.float64, device=keep.device)
+            new[rows, pos] = getattr(self, name)[rows, cols]
+            setattr(self, name, new)
         self.size = int(count.sum())
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +264,7 @@ def knn_sq(
 
         cands = _Candidates(b, k, dev, exact)
         tau = torch.full((b,), torch.inf, dtype=torch.float64, device=dev)
-        gbest = torch.empty((0, b), dtype=torch.float32, device=dev)  # the k smallest group minima so far
+        gbest = torch.empty((b, 0), dtype=torch.float32, device=dev)  # the k smallest group minima so far
         rmax = 0.0
         for j0, r in refs:
             sq = fast_sq(r, q, geom, pbuf)  # (m, b)
@@ -226,10 +277,9 @@ def knn_sq(
             band = pair_band(q.norm, torch.tensor(rmax), geom, tol)  # (b,): widest band of each query so far
             gmin = group_min(sq)
             # k group minima are k distinct rows, so the k-th smallest minimum (plus the band) bounds U.
-            pool = torch.cat([gbest, gmin])
-            gbest = pool if len(pool) <= k else pool.topk(k, dim=0, largest=False, sorted=False).values
-            if len(gbest) >= k:
-                tau = torch.minimum(tau, gbest.amax(0).double() + band)
+            gbest = k_smallest_rows(torch.cat([gbest, gmin.T], dim=1), k)  # query-major: contiguous rows
+            if gbest.shape[1] >= k:
+                tau = torch.minimum(tau, gbest.amax(1).double() + band)
             thr = tau + band
             thr32 = torch.where(torch.isinf(thr), _FMAX, thr * (1 + 1e-6)).to(torch.float32)
             qi, rj = select_le(sq, thr32, gmin)
