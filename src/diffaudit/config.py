@@ -35,6 +35,9 @@ class DataConfig:
     canaries: tuple[int, ...] = ()  # copy counts of planted duplicates, e.g. (1, 2, 4, 8, 16, 32)
     canaries_per_count: int = 1
     skip_bad: bool = False
+    # Remove near-duplicates (normalized L2 <= dedup) AFTER planting canaries: a mitigation of memorization
+    # (diffaudit.data.dedup, docs/mitigations.md). None: keep the set as loaded.
+    dedup: float | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,14 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.995
     cond_drop_prob: float = 0.1  # label dropout for classifier-free guidance
+    # Condition randomisation (Somepalli et al. 2023, a memorization mitigation): each training label is replaced
+    # by a uniformly random class with this probability, drawn from the step's (seed, step) stream.
+    cond_random_prob: float = 0.0
+    # DP-SGD (per-sample clipping + Gaussian noise, diffaudit.dp): target epsilon at dp_delta over the whole run;
+    # None: ordinary training. dp_clip is the per-sample gradient norm bound.
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0
     checkpoint_every: int = 250
     log_every: int = 25
     seed: int = 0
@@ -273,6 +284,8 @@ def validate_data(cfg: DataConfig, where: str = "data") -> DataConfig:
     _check_int(f"{where}.canaries_per_count", cfg.canaries_per_count, 1)
     if not isinstance(cfg.skip_bad, bool):
         raise ConfigError(f"{where}.skip_bad must be true or false, got {cfg.skip_bad!r}")
+    if cfg.dedup is not None:
+        _check_float(f"{where}.dedup", cfg.dedup, 0.0)
     return cfg
 
 
@@ -286,6 +299,11 @@ def validate_train(cfg: TrainConfig, where: str = "train") -> TrainConfig:
     _check_float(f"{where}.grad_clip", cfg.grad_clip, 0.0)
     _check_float(f"{where}.ema_decay", cfg.ema_decay, 0.0, 1.0)
     _check_float(f"{where}.cond_drop_prob", cfg.cond_drop_prob, 0.0, 1.0)
+    _check_float(f"{where}.cond_random_prob", cfg.cond_random_prob, 0.0, 1.0)
+    if cfg.dp_epsilon is not None:
+        _check_float(f"{where}.dp_epsilon", cfg.dp_epsilon, 0.0, open_lo=True)
+    _check_float(f"{where}.dp_delta", cfg.dp_delta, 0.0, 1.0, open_lo=True)
+    _check_float(f"{where}.dp_clip", cfg.dp_clip, 0.0, open_lo=True)
     _check_int(f"{where}.checkpoint_every", cfg.checkpoint_every, 1)
     _check_int(f"{where}.log_every", cfg.log_every, 1)
     _check_int(f"{where}.seed", cfg.seed, 0, SEED_LIMIT)

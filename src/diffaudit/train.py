@@ -172,6 +172,69 @@ def _lr_at(step: int, lr: float, warmup: int) -> float:
     return lr * min(1.0, (step + 1) / max(1, warmup))
 
 
+#: Condition randomisation draws from ``(seed, step, RANDOM_COND_STREAM)``: a stream of its own, so switching it on
+#: leaves the batch, timesteps, noise and label dropout of every step unchanged.
+RANDOM_COND_STREAM = 0x5A11
+
+
+def randomize_labels(labels: torch.Tensor, num_classes: int, prob: float, seed: int, step: int) -> torch.Tensor:
+    """Somepalli et al. (2023)'s condition randomisation: each label becomes a uniform random class w.p. ``prob``.
+
+    ``labels`` ``int64 (B,)``; the replacement may equal the original class (uniform over all ``num_classes``).
+    Draws depend only on ``(seed, step)``, so a resumed run makes the same replacements.
+    """
+    if prob <= 0 or num_classes < 1:
+        return labels
+    rng = np.random.default_rng([seed, step, RANDOM_COND_STREAM])
+    replace = torch.from_numpy(rng.random(len(labels)) < prob).to(labels.device)
+    random = torch.from_numpy(rng.integers(0, num_classes, len(labels))).to(labels)
+    return torch.where(replace & (labels >= 0), random, labels)
+
+
+def _dp_loss_and_grads(
+    model: DiffusionModel,
+    x0: torch.Tensor,
+    labels: torch.Tensor | None,
+    gen: torch.Generator,
+    tcfg,
+    dp: dict,
+    step: int,
+) -> tuple[torch.Tensor, float]:
+    """One DP-SGD step's gradients (set on the parameters) with the same draws as :meth:`DiffusionModel.loss`."""
+    from diffaudit.dp import DP_NOISE_STREAM, private_gradients
+
+    n = x0.shape[0]
+    t = torch.randint(0, model.config.num_train_timesteps, (n,), generator=gen).to(x0.device)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    if labels is not None and model.config.conditional and tcfg.cond_drop_prob > 0:
+        drop = torch.rand(n, generator=gen).to(x0.device) < tcfg.cond_drop_prob
+        labels = torch.where(drop, torch.full_like(labels, -1), labels)
+    noise_gen = torch.Generator().manual_seed(_step_seed(tcfg.seed, step) ^ DP_NOISE_STREAM)
+    loss, clipped = private_gradients(model, x0, labels, t, noise, tcfg.dp_clip, dp["noise_multiplier"], noise_gen)
+    return torch.tensor(loss), clipped
+
+
+def _dp_setup(tcfg, n_train: int, distributed: bool) -> dict | None:
+    """DP-SGD settings (noise multiplier for the target epsilon) or None when ``train.dp_epsilon`` is unset."""
+    if tcfg.dp_epsilon is None:
+        return None
+    from diffaudit.dp import check_dp_settings, noise_multiplier_for
+
+    if distributed:
+        raise ConfigError("train.dp_epsilon is not supported in data-parallel training (run on one process)")
+    check_dp_settings(float(tcfg.dp_epsilon), tcfg.dp_delta, n_train)
+    rate = min(1.0, tcfg.batch_size / n_train)
+    sigma = noise_multiplier_for(float(tcfg.dp_epsilon), tcfg.dp_delta, rate, tcfg.steps)
+    return {
+        "target_epsilon": float(tcfg.dp_epsilon),
+        "delta": tcfg.dp_delta,
+        "clip": tcfg.dp_clip,
+        "sample_rate": rate,
+        "noise_multiplier": sigma,
+        "accountant": "rdp (opacus); fixed-size shuffled batches treated as Poisson sampling at rate B/N",
+    }
+
+
 def train(
     preset: Preset,
     data: ImageSet,
@@ -223,6 +286,9 @@ def train(
 
     images = data.to_model_tensor().to(dev)
     labels = torch.from_numpy(data.labels).to(dev) if model.config.conditional else None
+    dp = _dp_setup(tcfg, len(data), dist_ctx is not None)
+    if dp is not None:
+        run.update_manifest(dp=dp)
     t_last, n_since = time.perf_counter(), 0
     with progress_bar(
         f"train {run.path.name}", total=tcfg.steps, completed=start, enabled=show_progress and writer
@@ -232,19 +298,28 @@ def train(
             idx = torch.from_numpy(batch_indices(len(data), tcfg.batch_size, step, tcfg.seed)).to(dev)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, tcfg.lr, tcfg.warmup_steps)
-            if dist_ctx is None:
-                loss = model.loss(images[idx], None if labels is None else labels[idx], gen, tcfg.cond_drop_prob)
+            batch_labels = None if labels is None else labels[idx]
+            if batch_labels is not None and tcfg.cond_random_prob > 0:
+                batch_labels = randomize_labels(
+                    batch_labels, model.config.num_classes, tcfg.cond_random_prob, tcfg.seed, step
+                )
+            dp_clipped = None
+            if dp is not None:
+                opt.zero_grad(set_to_none=True)
+                loss, dp_clipped = _dp_loss_and_grads(model, images[idx], batch_labels, gen, tcfg, dp, step)
+            elif dist_ctx is None:
+                loss = model.loss(images[idx], batch_labels, gen, tcfg.cond_drop_prob)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             else:  # this rank's slice of the global batch; gradients summed over ranks = one process's
                 loss, slice_sum = ddp.global_batch_loss(
-                    model, images[idx], None if labels is None else labels[idx], gen, tcfg.cond_drop_prob, dist_ctx
+                    model, images[idx], batch_labels, gen, tcfg.cond_drop_prob, dist_ctx
                 )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 ddp.allreduce_gradients(list(model.unet.parameters()))
                 loss = torch.tensor(ddp.allreduce_sum(slice_sum) / tcfg.batch_size)
-            if tcfg.grad_clip > 0:
+            if tcfg.grad_clip > 0 and dp is None:  # DP-SGD clips per sample instead
                 torch.nn.utils.clip_grad_norm_(model.unet.parameters(), tcfg.grad_clip)
             opt.step()
             ema.update(model.unet, step)
@@ -254,14 +329,18 @@ def train(
             if done % tcfg.log_every == 0 or done == tcfg.steps:
                 elapsed = time.perf_counter() - t_last
                 rate = n_since / elapsed if elapsed > 0 else float("nan")
-                run.log(
-                    {
-                        "step": done,
-                        "loss": loss_sum / loss_count,
-                        "lr": opt.param_groups[0]["lr"],
-                        "images_per_s": rate,
-                    }
-                )
+                row = {
+                    "step": done,
+                    "loss": loss_sum / loss_count,
+                    "lr": opt.param_groups[0]["lr"],
+                    "images_per_s": rate,
+                }
+                if dp is not None:
+                    from diffaudit.dp import epsilon_spent
+
+                    row["dp_epsilon"] = epsilon_spent(dp["noise_multiplier"], dp["sample_rate"], done, dp["delta"])
+                    row["dp_clipped_share"] = dp_clipped
+                run.log(row)
                 bar.update(completed=done, info=f"loss {loss_sum / loss_count:.4f}  {rate:.0f} img/s")
                 t_last, n_since, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
             else:
@@ -289,6 +368,11 @@ def train(
     )
     save_checkpoint(run, tcfg.steps, model, ema, opt)
     run.update_manifest(model_id=model_id)
+    if dp is not None:
+        from diffaudit.dp import epsilon_spent
+
+        spent = epsilon_spent(dp["noise_multiplier"], dp["sample_rate"], tcfg.steps, dp["delta"])
+        run.update_manifest(dp=dp | {"epsilon_spent": spent})
     if dist_ctx is not None:
         ddp.broadcast_str(model_id)
         ddp.barrier()

@@ -34,6 +34,13 @@ class PipelineTrainConfig:
 
     Defaults: learning rate 1e-5 (full) is the common SD fine-tuning rate (diffusers' text-to-image example);
     LoRA recipes use about 1e-4. Caption dropout 0.1 keeps classifier-free guidance working.
+
+    ``cond_random_prob`` (a memorization mitigation, Somepalli et al. 2023): each example's caption is replaced by
+    a uniformly random caption *of the training set* with this probability, drawn from ``(seed, step)`` exactly as
+    the class model's ``train.cond_random_prob`` replaces a label (:func:`diffaudit.train.randomize_labels`), so
+    "captions are conditions" holds for the mitigation too. Random caption replacement rather than appending
+    random words: it needs no text-encoder pass per step (the training captions' embeddings are computed once)
+    and it is the same operation on every family; random-word insertion is not implemented.
     """
 
     learning_rate: float = 1e-5
@@ -41,6 +48,7 @@ class PipelineTrainConfig:
     lora_rank: int = 0
     cond_drop_prob: float = 0.1
     grad_clip: float = 1.0
+    cond_random_prob: float = 0.0
 
     def validate(self) -> None:
         if not self.learning_rate > 0:
@@ -49,6 +57,8 @@ class PipelineTrainConfig:
             raise ConfigError("batch_size must be >= 1 and lora_rank >= 0")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ConfigError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
+        if not 0.0 <= self.cond_random_prob <= 1.0:
+            raise ConfigError(f"cond_random_prob must be in [0, 1], got {self.cond_random_prob}")
 
 
 class PipelineTrainer:
@@ -68,7 +78,7 @@ class PipelineTrainer:
 
         ``workdir`` is unused (fine-tuning keeps no checkpoints of its own; callers save the result).
         """
-        from diffaudit.train import _step_seed, batch_indices
+        from diffaudit.train import _step_seed, batch_indices, randomize_labels
 
         cfg = self.config
         if not isinstance(init, PipelineGenerator):
@@ -93,6 +103,9 @@ class PipelineTrainer:
             captions = [train_set.class_names[c] if c >= 0 else "" for c in train_set.labels.tolist()]
             embeds = model.encode_prompts(captions)
             null = model.encode_prompts([""])[0]
+            # One embedding per training caption: the pool condition randomisation draws replacements from.
+            caption_embeds = model.encode_prompts(list(train_set.class_names)) if cfg.cond_random_prob > 0 else None
+        labels = torch.from_numpy(train_set.labels)
         target_kind = sched.config.prediction_type
         model.unet.train()
         with progress_bar("fine-tune", total=steps, enabled=self.show_progress) as bar:
@@ -100,6 +113,11 @@ class PipelineTrainer:
                 gen = torch.Generator().manual_seed(_step_seed(seed, step))
                 idx = torch.from_numpy(batch_indices(len(train_set), cfg.batch_size, step, seed))
                 z0, e = latents[idx.to(latents.device)], embeds[idx.to(embeds.device)].clone()
+                if caption_embeds is not None:
+                    lab = labels[idx]
+                    new = randomize_labels(lab, len(train_set.class_names), cfg.cond_random_prob, seed, step)
+                    changed = new != lab
+                    e[changed.to(e.device)] = caption_embeds[new[changed].to(caption_embeds.device)]
                 drop = torch.rand(len(idx), generator=gen) < cfg.cond_drop_prob
                 e[drop.to(e.device)] = null
                 t = torch.randint(0, n_train, (len(idx),), generator=gen).to(z0.device)
