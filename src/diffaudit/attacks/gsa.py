@@ -51,7 +51,7 @@ def gsa_features(generator: Generator, data: ImageSet, timesteps: Sequence[int],
 
 def classifier_scores(features: np.ndarray, train: np.ndarray, members: np.ndarray, seed: int = 0) -> np.ndarray:
     """Decision values ``float64 (N,)`` of a logistic regression on ``log`` features, fitted on rows ``train``."""
-    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.linear_model import LogisticRegression
 
     train, members = np.asarray(train, bool), np.asarray(members, bool)
     if not members[train].any() or members[train].all():
@@ -61,8 +61,20 @@ def classifier_scores(features: np.ndarray, train: np.ndarray, members: np.ndarr
     x = (x - mu) / np.where(sd > 0, sd, 1.0)
     # The regularisation is chosen by 4-fold cross-validation (AUC) inside the training split: ~100 features on
     # a few hundred candidates overfit at scikit-learn's default C = 1.
-    clf = LogisticRegressionCV(
-        Cs=GSA_CS, cv=4, scoring="roc_auc", max_iter=2000, class_weight="balanced", random_state=seed
-    )
-    clf.fit(x[train], members[train])
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+
+    rows, y = np.flatnonzero(train), members[train]
+    folds = StratifiedKFold(n_splits=min(4, int(y.sum()), int((~y).sum())), shuffle=True, random_state=seed)
+    cv_auc = {}
+    for c in GSA_CS:
+        aucs = []
+        for fit_rows, held in folds.split(rows, y):
+            if y[held].all() or not y[held].any():
+                continue
+            m = LogisticRegression(C=c, max_iter=2000, class_weight="balanced").fit(x[rows[fit_rows]], y[fit_rows])
+            aucs.append(roc_auc_score(y[held], m.decision_function(x[rows[held]])))
+        cv_auc[c] = float(np.mean(aucs)) if aucs else 0.5
+    best = max(GSA_CS, key=lambda c: (round(cv_auc[c], 6), -c))  # ties: the stronger regularisation
+    clf = LogisticRegression(C=best, max_iter=2000, class_weight="balanced").fit(x[train], members[train])
     return clf.decision_function(x).astype(np.float64)
