@@ -148,3 +148,27 @@ def test_unknown_kinds_fall_back(tmp_path):
     page = build_report([odd])
     assert "results.json: score" in page  # the generic key-number table
     assert "Not assessed" in page
+
+
+def test_safeguards_card_reads_the_robust_rule_when_the_index_has_it(tmp_path):
+    calibration = {
+        "num_holdout": 200,
+        "calibrated": {"target_fpr": 0.05, "achieved_false_block_rate": 0.2, "threshold": 0.08},
+        "absolute": {"delta": 0.15, "achieved_false_block_rate": 0.72},
+        "robust": {"target_fpr": 0.01, "achieved_false_block_rate": 0.005, "threshold": 0.4},
+    }
+    decisions = {"filter": {"rule": "robust", "calibration": calibration}, "summary": {}, "decisions": []}
+    path = run_dir(
+        tmp_path / "r", "guard-index", {"decisions.json": decisions, "index.json": {"calibration": calibration}}
+    )
+    card = cards_for(path)["safeguards"]
+    # 1 of 200 (0.5%) against the robust rule's 1% target, not the pixel rule's 20% against 5%
+    assert card.number.startswith("Copy filter (robust rule) wrongly blocks 0.5% of 200 held-out real images")
+    assert card.comparison.startswith("Compared with its calibrated target of 1.0%")
+    assert card.status == CLEAR
+    decisions["filter"]["rule"] = "calibrated"  # a filter run with the pixel rule reports that rule's rate
+    path = run_dir(
+        tmp_path / "c", "guard-index", {"decisions.json": decisions, "index.json": {"calibration": calibration}}
+    )
+    card = cards_for(path)["safeguards"]
+    assert card.number.startswith("Copy filter wrongly blocks 20.0% of 200") and card.status == RISK

@@ -20,10 +20,16 @@ def copy_filter_of(run: RunData) -> dict[str, Any] | None:
     calib = dig(decisions, "filter", "calibration") or dig(run.json("index.json"), "calibration")
     if not isinstance(calib, dict):
         return None
+    # The robust rule (crop/flip/shift-aligned, docs/safeguards.md) is the active one whenever the index has it,
+    # unless decisions.json names another rule: its own calibrated rate is then the one to report.
+    rule = dig(decisions, "filter", "rule")
+    robust = isinstance(calib.get("robust"), dict) and rule in (None, "auto", "robust")
+    source = "robust" if robust else "calibrated"
     return {
+        "rule": source,
         "n_holdout": as_int(calib.get("num_holdout")),
-        "target": as_float(dig(calib, "calibrated", "target_fpr")),
-        "rate": as_float(dig(calib, "calibrated", "achieved_false_block_rate")),
+        "target": as_float(dig(calib, source, "target_fpr")),
+        "rate": as_float(dig(calib, source, "achieved_false_block_rate")),
         "absolute": as_float(dig(calib, "absolute", "achieved_false_block_rate")),
         "delta": as_float(dig(calib, "absolute", "delta")),
         "blocked": as_int(dig(decisions, "summary", "num_blocked")),
@@ -62,8 +68,9 @@ def safeguards_card(runs: list[RunData]) -> Card:
             target = f["target"]
             over = target is not None and lo > target
             statuses.append(RISK if over else CLEAR)
+            which = " (robust rule)" if f["rule"] == "robust" else ""
             card.number = (
-                f"Copy filter wrongly blocks {pct(f['rate'])} of {f['n_holdout']} held-out real images "
+                f"Copy filter{which} wrongly blocks {pct(f['rate'])} of {f['n_holdout']} held-out real images "
                 f"({interval_pct(lo, hi)})"
             )
             card.comparison = (
