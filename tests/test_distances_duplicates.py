@@ -168,3 +168,18 @@ def test_torch_inputs_stay_on_their_device() -> None:
     d_t, i_t = D.nearest_neighbors(torch.from_numpy(q), torch.from_numpy(ref), k=3)
     np.testing.assert_array_equal(i_np, i_t)
     np.testing.assert_array_equal(d_np, d_t)
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_uint8_squared_norms_stay_exact_above_2_24(step: int) -> None:
+    # Float32 sums of integers are exact only below 2^24 (times step^2); larger rows must take the float64 path.
+    from diffaudit.distances._engine import _sq_norms, geometry
+
+    gen = torch.Generator().manual_seed(step)
+    body = (torch.randint(-255, 256, (2, 3, 4096), generator=gen) * step).to(torch.float32)
+    body[0, 0] = step  # a small row stays on the float32 path
+    geom = geometry("l2", 1, np.zeros((1, 4096), np.uint8))
+    got = _sq_norms(body, geom, step)
+    want = body.double().square().sum(-1)
+    assert float(want.max()) > step * step * 2**24  # the fallback is exercised
+    np.testing.assert_array_equal(got.numpy(), want.to(torch.float32).numpy())

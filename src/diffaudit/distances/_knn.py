@@ -29,6 +29,7 @@ from diffaudit.distances._engine import (
     make_operand,
     pair_band,
     plan_blocks,
+    product_buffer,
     rel_tol,
 )
 
@@ -249,7 +250,7 @@ def knn_sq(
     tol = rel_tol(dev)
     width = geom.tile_dim + 2
     qbuf = torch.empty((geom.tiles, min(bq_max, len(query)), width), dtype=torch.float32, device=dev)
-    pbuf = torch.empty(geom.tiles * qbuf.shape[1] * min(br, len(ref)), dtype=torch.float32, device=dev)
+    pbuf = product_buffer(geom, qbuf.shape[1], min(br, len(ref)))
     # Candidates per query before an early exact prune: room for the k plus a block's worth of near-ties.
     cap = 2 * k + 64
     out_sq = torch.empty((len(query), k), dtype=torch.float64, device=dev)

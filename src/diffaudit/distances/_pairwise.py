@@ -16,6 +16,8 @@ from diffaudit.distances._engine import (
     make_operand,
     pair_band,
     plan_blocks,
+    product_buffer,
+    query_from_ref,
     rel_tol,
 )
 from diffaudit.distances._knn import select_le
@@ -38,12 +40,15 @@ def pairwise_matrix(
     refs = RefBlocks(y, geom, center, br, cache_bytes)
     tol = rel_tol(dev)
     qbuf = torch.empty((geom.tiles, min(bq, len(x)), geom.tile_dim + 2), dtype=torch.float32, device=dev)
-    pbuf = torch.empty(geom.tiles * qbuf.shape[1] * min(br, len(y)), dtype=torch.float32, device=dev)
+    pbuf = product_buffer(geom, qbuf.shape[1], min(br, len(y)))
     out = np.empty((len(x), len(y)), dtype=np.float32)
     thr_raw = float(recompute_below) ** 2 / geom.scale
     for i0 in range(0, len(x), bq):
-        qb = load(x, slice(i0, i0 + bq), geom, "x")
-        q = make_operand(qb, geom, center, "query", qbuf)
+        same = refs.cached_block(i0) if symmetric else None
+        if same is not None:
+            q = query_from_ref(same, geom, qbuf)
+        else:
+            q = make_operand(load(x, slice(i0, i0 + bq), geom, "x"), geom, center, "query", qbuf)
         for j0, r in refs:
             if symmetric and j0 + br <= i0:
                 continue  # filled from the mirrored block
@@ -52,10 +57,14 @@ def pairwise_matrix(
             band = pair_band(q.norm, r.norm.max(), geom, tol)
             thr = (torch.clamp_min(band, thr_raw) * (1 + 1e-6)).to(torch.float32)
             qi, rj = select_le(sq, thr)
-            if len(qi):  # provably exact fast values need no recompute
-                inexact = pair_band(q.norm[qi], r.norm[rj], geom, tol) > 0
-                qi, rj = qi[inexact], rj[inexact]
+            if len(qi):  # provably exact fast values need no recompute; a row against itself is exactly 0
+                keep = pair_band(q.norm[qi], r.norm[rj], geom, tol) > 0
+                if symmetric and i0 == j0:
+                    keep &= qi != rj
+                qi, rj = qi[keep], rj[keep]
             sq.clamp_min_(0.0).mul_(geom.scale).sqrt_()
+            if symmetric and i0 == j0:
+                sq.diagonal().zero_()
             if len(qi):
                 sq[rj, qi] = exact_pairs(x, qi + i0, y, rj + j0, geom).mul_(geom.scale).sqrt_().to(torch.float32)
             block_np = sq.cpu().numpy()
@@ -84,7 +93,7 @@ def count_within(
     refs = RefBlocks(ref, geom, center, br, cache_bytes)
     tol = rel_tol(dev)
     qbuf = torch.empty((geom.tiles, min(bq, len(query)), geom.tile_dim + 2), dtype=torch.float32, device=dev)
-    pbuf = torch.empty(geom.tiles * qbuf.shape[1] * min(br, len(ref)), dtype=torch.float32, device=dev)
+    pbuf = product_buffer(geom, qbuf.shape[1], min(br, len(ref)))
     counts = torch.zeros(len(query), dtype=torch.int64, device=dev)
     for i0 in range(0, len(query), bq):
         qb = load(query, slice(i0, i0 + bq), geom, "query")
