@@ -159,3 +159,22 @@ def test_dp_training_records_epsilon(tmp_path, digits_small):
     bad = apply_overrides(preset, ["train.dp_delta=0.1"])
     with pytest.raises(ConfigError, match="below 1/N"), RunDir(tmp_path / "bad", "train") as run:
         train(bad, digits_small, run, show_progress=False)
+
+
+def test_train_cli_dedups_planted_canaries(tmp_path, capsys):
+    from diffaudit.cli import main
+
+    args = ["train", "--preset", "digits-8", "--steps", "2", "--out", str(tmp_path / "run")]
+    args += ["--set", "model.block_out_channels=[8,16]", "--set", "model.norm_num_groups=4"]
+    args += ["--set", "train.batch_size=8", "--set", "data.subset=50", "--set", "data.canaries=[1,3]"]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--set", "data.dedup=0.05"])
+    assert exc.value.code in (0, None), capsys.readouterr().err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"]["dedup"] == 0.05
+    assert config["data_info"]["dedup"]["num_removed"] == 2 and config["data_info"]["dedup"]["num_kept"] == 50
+    canaries = json.loads((tmp_path / "run" / "manifest.json").read_text())["canaries"]
+    assert [(r["copies"], r["copies_after_dedup"]) for r in canaries] == [(1, 1), (3, 1)]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--set", "data.dedup=-0.1"])
+    assert exc.value.code == 2 and "data.dedup must be >= 0" in capsys.readouterr().err

@@ -17,6 +17,7 @@ at group level (roughly k times epsilon).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -69,7 +70,7 @@ def per_sample_gradients(
     ``model`` is a :class:`~diffaudit.models.diffusion.DiffusionModel`; the loss is its ``per_sample_loss``
     (labels already dropped/randomised by the caller; -1 means null).
     """
-    from torch.func import functional_call, grad_and_value, vmap
+    from torch.func import functional_call
 
     unet = model.unet
     params = {k: v.detach() for k, v in unet.named_parameters() if v.requires_grad}
@@ -84,6 +85,15 @@ def per_sample_gradients(
         pred = functional_call(unet, (p, buffers), (x_t, tt[None]), kwargs).sample
         target = sched.get_velocity(x[None], n[None], tt[None]) if velocity else n[None]
         return (pred.float() - target.float()).pow(2).mean()
+
+    with warnings.catch_warnings():
+        # functorch has no batching rule for CPU flash attention and falls back to a loop: correct, only slower.
+        warnings.filterwarnings("ignore", message="There is a performance drop", category=UserWarning)
+        return _vmapped(one, params, x0, lab, t, noise)
+
+
+def _vmapped(one: Any, params: dict, x0: torch.Tensor, lab: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor):
+    from torch.func import grad_and_value, vmap
 
     if lab is None:
         grads, losses = vmap(grad_and_value(lambda p, x, tt, n: one(p, x, None, tt, n)), in_dims=(None, 0, 0, 0))(
