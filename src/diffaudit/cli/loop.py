@@ -50,11 +50,53 @@ def _print_healing(summary: dict[str, Any]) -> None:
             err.print(f"{name}: healing ratio of {key} over {res['repeats']} repeat(s): {ratio}")
 
 
+def _names(spec: str | None) -> tuple[str, ...] | None:
+    return None if not spec else tuple(a.strip() for a in spec.split(",") if a.strip())
+
+
+def _sweep_spec(items: list[str], mitigations: str, mitigation_share: float | None):
+    """``--sweep FIELD=V1,V2`` items (values parsed as JSON where possible) as a SweepSpec."""
+    from diffaudit.config import _parse_value
+    from diffaudit.loop.sweep import DEFAULT_SHARES, SweepSpec
+
+    shares: tuple[float, ...] = DEFAULT_SHARES
+    axes = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not raw.strip():
+            raise ConfigError(f"--sweep {item!r} must look like FIELD=V1,V2 (e.g. guidance_scale=2,7.5)")
+        values = tuple(_parse_value(v.strip()) for v in raw.split(","))
+        if key.strip() == "synthetic_share":
+            try:
+                shares = tuple(float(v) for v in values)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"--sweep {item!r}: shares must be numbers") from exc
+        else:
+            axes.append((key.strip(), values))
+    return SweepSpec(
+        shares=shares,
+        axes=tuple(axes),
+        mitigations=tuple(m.strip() for m in mitigations.split(",") if m.strip()),
+        mitigation_share=mitigation_share,
+    )
+
+
+def _print_map(doc: dict[str, Any]) -> None:
+    """One line per cell: the smallest damaging and collapsing share."""
+    for key, cell in doc["cells"].items():
+        err.print(
+            f"{key}: smallest damaging share {cell['smallest_damaging_share']}, "
+            f"smallest collapsing share {cell['smallest_collapsing_share']} (seeds {cell['seeds']})"
+        )
+
+
 def register(app: typer.Typer) -> None:
     @app.command("loop")
     def loop(
         out: Path = typer.Option(..., help="run directory to create (or finish with --resume)"),
-        preset: str = typer.Option("nepotism-digits", help="nepotism-digits | mad-digits | gaussian-digits"),
+        preset: str = typer.Option(
+            "nepotism-digits", help="nepotism-digits | bohacek-farid | bohacek-farid-32 | mad-digits | gaussian-digits"
+        ),
         quick: bool = typer.Option(False, "--quick", help="a shrunken version that finishes in about a minute"),
         backend: str = typer.Option(None, help="diffusion | gaussian | gmm; default: the preset's"),
         model: str = typer.Option(
@@ -86,6 +128,22 @@ def register(app: typer.Typer) -> None:
             3.0, help="tag strength in uint8 levels (8x8 digits need ~48, which is visible: docs/tagging.md)"
         ),
         tag_fpr: float = typer.Option(0.01, help="false-positive rate on real images for the tag threshold"),
+        arms: str = typer.Option(None, "--arms", help="keep only these preset arms, e.g. share-0,share-100"),
+        with_control: bool = typer.Option(
+            False, "--with-control", help="add an arm 'control' (no synthetic data) beside the arm(s) run"
+        ),
+        sweep: list[str] = typer.Option(
+            None,
+            "--sweep",
+            help="damage map: FIELD=V1,V2 per axis (repeatable); synthetic_share=... gives the shares "
+            "(default 0,0.033,0.1,0.25,0.5,1); writes cells/, map.json, map-*.png",
+        ),
+        mitigations: str = typer.Option(
+            "none", "--mitigations", help="with --sweep: none,scrub,accumulate,redifine,self-correct"
+        ),
+        mitigation_share: float = typer.Option(
+            None, "--mitigation-share", help="with --sweep: share of the mitigation arms (default: smallest collapsing)"
+        ),
     ) -> None:
         """Retrain a model on its own samples for G generations, heal for H, and measure it all."""
         from diffaudit.loop.experiment import run_experiment
@@ -129,8 +187,26 @@ def register(app: typer.Typer) -> None:
                     "--data and --prompts go with --model PIPELINE_DIR (class models: --set data.source=...)"
                 )
             exp = build_experiment(
-                preset, quick=quick, settings=settings, arm_override=arm or None, overrides=overrides
+                preset,
+                quick=quick,
+                settings=settings,
+                arm_override=arm or None,
+                overrides=overrides,
+                arms=_names(arms),
+                with_control=with_control,
             )
+        if sweep:
+            from diffaudit.loop.sweep import run_sweep
+
+            spec = _sweep_spec(sweep, mitigations, mitigation_share)
+            spec.validate(exp.first)
+            if dry_run:
+                print_json({"sweep": spec.to_dict(), "base": exp.first.to_dict()})
+                return
+            doc = run_sweep(exp.first, spec, out, resume=resume, real=real, data_info=data_info)
+            _print_map(doc)
+            err.print(f"loop sweep written to {out} (map.json, map-fid.png, map-recall.png, cells/)")
+            return
         if dry_run:
             print_json(exp.to_dict())
             return
@@ -155,8 +231,17 @@ def register(app: typer.Typer) -> None:
         runs: list[Path] = typer.Argument(..., help="loop run directories of the same experiment, different seeds"),
         out: Path = typer.Option(..., help="run directory to create for the merged curves and summary"),
     ) -> None:
-        """Merge loop runs that differ only in --seed (one per machine, say) into one run with repeat bands."""
+        """Merge loop runs that differ only in --seed (one per machine, say) into one run with repeat bands.
+
+        Loop sweeps (--sweep) merge too: their cells' seeds are pooled into one map.json."""
         from diffaudit.loop.merge import merge_runs
+
+        if (runs[0] / "config.json").is_file() and '"sweep"' in (runs[0] / "config.json").read_text():
+            from diffaudit.loop.sweep import merge_sweeps
+
+            _print_map(merge_sweeps(runs, out))
+            err.print(f"merged {len(runs)} sweeps into {out} (map.json, map-*.png)")
+            return
 
         _print_healing(merge_runs(runs, out))
         err.print(f"merged {len(runs)} runs into {out} (summary.json, metrics.jsonl, curves.png)")

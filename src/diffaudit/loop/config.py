@@ -133,9 +133,8 @@ class LoopConfig:
             raise ConfigError(f"temperature={self.temperature!r} must be >= 0")
         if self.mix_source not in MIX_SOURCES:
             raise ConfigError(f"mix_source={self.mix_source!r} is not one of {list(MIX_SOURCES)}")
-        if self.mix_source == MIX_IMG2IMG:
-            if not 0.0 < float(self.strength) <= 1.0:
-                raise ConfigError(f"strength={self.strength!r} must be in (0, 1]")
+        if self.mix_source == MIX_IMG2IMG and not 0.0 < float(self.strength) <= 1.0:
+            raise ConfigError(f"strength={self.strength!r} must be in (0, 1]")
         if not isinstance(self.heldout_finetune, bool):
             raise ConfigError(f"heldout_finetune={self.heldout_finetune!r} must be true or false")
         if not self.heldout_finetune and not self.holdout_classes:

@@ -1,6 +1,6 @@
 """Building one generation's training set from real data and earlier generations' samples (a pure function).
 
-Vocabulary (see docs/loop.md and RESEARCH.md sections 2-3). Generation 0 trains on ``train_size`` real
+Vocabulary (see docs/loop.md and docs/background.md sections 2-3). Generation 0 trains on ``train_size`` real
 images. Model ``k`` produces the synthetic pool ``S_k``. Generation ``g >= 1`` trains on:
 
 * ``replace``: ``n_real`` images of the fixed real subset + ``n_syn`` images of ``S_{g-1}`` (Bohacek & Farid's
