@@ -223,6 +223,40 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def price_figure(rows: list[dict[str, Any]], path: Path) -> None:
+    """Three panels per arm: extraction (members within delta, adaptive ratio, cliques), attack AUC, FID."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["mitigation"] for r in rows]
+    x = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for j, (key, label) in enumerate(
+        [
+            ("members_within_delta", "members within 0.15"),
+            ("adaptive_ratio_extracted", "adaptive ratio"),
+            ("clique_extracted", "cliques"),
+        ]
+    ):
+        axes[0].bar(x + (j - 1) * 0.27, [r.get(key, 0) for r in rows], 0.27, label=label)
+    axes[0].set_title("training faces extracted")
+    axes[0].legend(fontsize=7)
+    for key, label in [("lira_auc", "LiRA"), ("loss_auc", "loss")]:
+        axes[1].plot(x, [r.get(key, np.nan) for r in rows], "o", label=label)
+    axes[1].axhline(0.5, color="grey", lw=0.8, ls="--")
+    axes[1].set_title("membership inference AUC")
+    axes[1].legend(fontsize=7)
+    axes[2].bar(x, [r["fid_pixels8"] for r in rows], 0.5)
+    axes[2].set_title("FID (8x8 pixels; lower is better)")
+    for ax in axes:
+        ax.set_xticks(x, names, rotation=30, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def collect(args: argparse.Namespace) -> None:
     from diffaudit.runs import RunDir
 
@@ -237,6 +271,7 @@ def collect(args: argparse.Namespace) -> None:
         for row in rows:
             run.log({k: v for k, v in row.items() if not isinstance(v, dict)})
         atomic_write_json(run.file("results.json"), {"setup": setup, "mitigations": rows})
+        price_figure(rows, run.file("price_list.png"))
     for row in rows:
         print(json.dumps(row))
 
