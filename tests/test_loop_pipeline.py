@@ -114,5 +114,7 @@ def test_cli_pipeline_loop_errors_before_the_run_directory(setup, tmp_path, caps
     assert "--data" in _fails(["loop", "--model", str(pipe), "--out", str(out)], capsys)
     bad = ["loop", "--model", str(tmp_path), "--data", f"captioned:{data}", "--out", str(out)]
     assert "model_index.json" in _fails(bad, capsys)
-    assert "accumulate" in _fails([*_args(pipe, data, prompts, out), "--mode", "accumulate"], capsys)
+    assert "guidance_schedule" in _fails(
+        [*_args(pipe, data, prompts, out), "--set", "guidance_schedule=cosine"], capsys
+    )
     assert not out.exists()
