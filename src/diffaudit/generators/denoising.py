@@ -15,7 +15,10 @@ Noise schedules and sampler steps are diffusers' schedulers (:mod:`.schedulers`)
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -56,6 +59,32 @@ def guidance_scales(w: float, num_steps: int, schedule: str = "constant") -> lis
     return [1.0 + (float(w) - 1.0) * 2.0 * i / (num_steps - 1) for i in range(num_steps)]
 
 
+#: Reduced-precision autocast options of :class:`SampleSpeed`.
+AUTOCAST_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class SampleSpeed:
+    """Optional sampling speed-ups of a denoising generator; all off by default (results then stay bit for bit).
+
+    ``channels_last``: NHWC memory format for 4-D network inputs and the generator's networks' conv weights
+    (the modules are converted in place, once; values are unchanged). ``compile``: ``torch.compile`` the network
+    call with ``compile_backend`` (minutes of compilation on a small CPU; pays off for long runs on a GPU).
+    ``autocast``: ``fp16`` / ``bf16`` autocast of the network on CUDA; on other devices it is accepted, recorded
+    and not applied (``autocast_active`` in :meth:`DenoisingGenerator.sampling_record`). None of them changes which
+    noise an image draws: image ``i`` still depends on ``seeds[i]`` only (up to the usual float rounding).
+    """
+
+    channels_last: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    autocast: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ConfigError(f"autocast {self.autocast!r} is not one of {list(AUTOCAST_DTYPES)}")
+
+
 class DenoisingGenerator(DenoisingQueries):
     """Shared sampling, loss and guidance-gap logic over the hooks listed in the module docstring.
 
@@ -76,6 +105,8 @@ class DenoisingGenerator(DenoisingQueries):
     #: Optional ``hook(generator, output, z_t, t) -> output`` applied to the guided network output at every sampling
     #: step (anti-memorization guidance, :mod:`diffaudit.guards.mitigations`); set on a copy, never on a shared one.
     sampling_hook: Any = None
+    #: Optional speed-ups of :meth:`sample` (set with :meth:`with_sample_speed`, on a copy).
+    sample_speed: SampleSpeed = SampleSpeed()
 
     # ---- hooks (subclasses) ---------------------------------------------------------------------------------
     @property
@@ -113,6 +144,44 @@ class DenoisingGenerator(DenoisingQueries):
         """The conditioning of one sampling batch (requests ``(labels[i], seeds[i])``); a copy may override it."""
         return self._condition(labels)
 
+    # ---- sampling speed-ups (optional) -------------------------------------------------------------------------
+    def with_sample_speed(self, speed: SampleSpeed | None = None, **options: Any) -> DenoisingGenerator:
+        """A copy that samples with ``speed`` (or ``SampleSpeed(**options)``); the original is unchanged."""
+        speed = speed if speed is not None else SampleSpeed(**options)
+        other = copy.copy(self)
+        other.sample_speed = speed
+        other.__dict__.pop("_compiled_predict", None)
+        if speed.channels_last:
+            for module in vars(other).values():
+                if isinstance(module, torch.nn.Module):
+                    module.to(memory_format=torch.channels_last)
+        return other
+
+    def sampling_record(self) -> dict[str, Any]:
+        """The speed settings as applied on this generator's device (for run configs and provenance)."""
+        speed = self.sample_speed
+        return asdict(speed) | {"autocast_active": speed.autocast != "none" and self.device.type == "cuda"}
+
+    def _speed_predict(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``_predict`` under the :class:`SampleSpeed` settings (exactly ``_predict`` when they are all off)."""
+        speed = self.sample_speed
+        if speed == SampleSpeed():
+            return self._predict(z, t, cond)
+        predict = self._predict
+        if speed.compile:
+            predict = self.__dict__.get("_compiled_predict")
+            if predict is None:
+                predict = torch.compile(self._predict, backend=speed.compile_backend, dynamic=False)
+                self.__dict__["_compiled_predict"] = predict
+        if speed.channels_last and z.dim() == 4:
+            z = z.contiguous(memory_format=torch.channels_last)
+        ctx = contextlib.nullcontext()
+        if self.sampling_record()["autocast_active"]:
+            ctx = torch.autocast("cuda", dtype=AUTOCAST_DTYPES[speed.autocast])
+        with ctx:
+            out = predict(z, t, cond)
+        return out.to(z.dtype).contiguous()
+
     # ---- derived ---------------------------------------------------------------------------------------------
     @property
     def num_train_timesteps(self) -> int:
@@ -121,8 +190,8 @@ class DenoisingGenerator(DenoisingQueries):
     def _guided(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, w: float):
         """Classifier-free guidance ``eps_null + w (eps_cond - eps_null)``; one network pass when ``w == 1``."""
         if not self.conditional or w == 1.0:
-            return self._predict(z, t, cond)
-        both = self._predict(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, null]))
+            return self._speed_predict(z, t, cond)
+        both = self._speed_predict(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, null]))
         eps_cond, eps_null = both.chunk(2)
         return eps_null + w * (eps_cond - eps_null)
 
