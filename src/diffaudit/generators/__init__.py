@@ -45,9 +45,11 @@ def family_of(path: str | os.PathLike[str]) -> str:
                 meta = json.loads(cand.read_text())
             except (OSError, ValueError) as exc:
                 raise CheckpointError(f"{cand}: unreadable model config ({exc})") from exc
-            if isinstance(meta, dict) and meta.get("backend") in ("gaussian", "gmm"):
+            if not isinstance(meta, dict):
+                raise CheckpointError(f"{cand}: a model config must be a JSON object, not {type(meta).__name__}")
+            if meta.get("backend") in ("gaussian", "gmm"):
                 return ANALYTIC
-            if isinstance(meta, dict) and meta.get("kind") == "diffaudit.DiffusionModel":
+            if meta.get("kind") == "diffaudit.DiffusionModel":
                 return CLASSCOND
     raise CheckpointError(
         f"{p}: not a model directory: expected a diffaudit model/run directory (model.safetensors + config.json), "
