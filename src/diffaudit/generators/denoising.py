@@ -40,7 +40,6 @@ from diffaudit.generators.queries import DenoisingQueries
 from diffaudit.generators.schedulers import img2img_timesteps, make_scheduler, training_scheduler
 from diffaudit.progress import progress_bar
 
-
 #: Names accepted by :func:`guidance_scales`.
 GUIDANCE_SCHEDULES = ("constant", "linear")
 
