@@ -82,6 +82,29 @@ def dataset_inference_study(gen, pool, members: np.ndarray, seed: int, repeats: 
     }
 
 
+def rescore(run_dir: Path, mcfg: MiaConfig, setup) -> tuple[dict, np.ndarray, object]:  # noqa: ANN001
+    """Re-run the query attacks (PIA ... GSA) of a finished run on its saved target, keeping its loss/LiRA results
+    (no retraining: for runs whose preset gained fields since, so that their shard keys no longer match).
+    Writes ``rescored.json`` in the run directory."""
+    from diffaudit.attacks.mia_queries import run_query_attacks
+    from diffaudit.generators import load_generator
+
+    results = json.loads((run_dir / "results.json").read_text())
+    with np.load(run_dir / "membership.npz", allow_pickle=False) as z:
+        if not np.array_equal(z["ids"], setup.pool.ids):
+            raise SystemExit(f"{run_dir}: the pool differs from this setup's")
+        members, selection = z["target_membership"], z["selection"]
+    gen = load_generator(run_dir / "models" / "target" / "model", device="cpu")
+    q, _, costs, skipped = run_query_attacks(
+        gen, setup.pool, members, selection, mcfg.query_attacks, mcfg.query_params(), mcfg.seed, 64
+    )
+    results["attacks"].update(q)
+    results["costs"].update(costs)
+    results["skipped"] = skipped
+    atomic_write_json(run_dir / "rescored.json", results)
+    return results, members, gen
+
+
 def markdown_tables(summary: dict[str, dict]) -> str:
     """Attack x experiment table: mean and (min, max) over seeds of AUC and TPR at 1% / 0.1% FPR; costs; and
     the dataset-inference rows."""
@@ -124,6 +147,7 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(EXPERIMENTS), action="append")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--table", action="store_true", help="print the markdown tables of summary.json and exit")
+    parser.add_argument("--rescore", action="store_true", help="finished runs: re-run only the query attacks")
     args = parser.parse_args()
     torch.set_num_threads(1)
     summary_path = args.out / "summary.json"
@@ -138,11 +162,16 @@ def main() -> None:
             mcfg = dataclasses.replace(exp["mia"], seed=seed)
             t0 = time.perf_counter()
             setup, _ = build_setup(mcfg, preset, data)
-            with RunDir(args.out / f"{name}-s{seed}", kind="mia", resume=True) as run:
-                run.write_config({"experiment": name, "preset": preset.to_dict(), "mia": mcfg.__dict__})
-                results = run_mia(mcfg, setup, run, show_progress=False)
-                members = np.load(run.file("membership.npz"))["target_membership"]
-                study = dataset_inference_study(target_generator(setup, run), setup.pool, members, seed)
+            run_dir = args.out / f"{name}-s{seed}"
+            if args.rescore and (run_dir / "results.json").exists():
+                results, members, gen = rescore(run_dir, mcfg, setup)
+                study = dataset_inference_study(gen, setup.pool, members, seed)
+            else:
+                with RunDir(run_dir, kind="mia", resume=True) as run:
+                    run.write_config({"experiment": name, "preset": preset.to_dict(), "mia": mcfg.__dict__})
+                    results = run_mia(mcfg, setup, run, show_progress=False)
+                    members = np.load(run.file("membership.npz"))["target_membership"]
+                    study = dataset_inference_study(target_generator(setup, run), setup.pool, members, seed)
             row = {
                 "seconds": time.perf_counter() - t0,
                 "pool": results["pool"],
