@@ -9,7 +9,6 @@ import typer
 
 from diffaudit.cli.common import err, print_json
 from diffaudit.errors import ConfigError
-from diffaudit.io import atomic_write_json
 
 _DIFFUSION_SECTIONS = ("data.", "model.", "train.", "sample.")
 
@@ -146,85 +145,58 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Retrain a model on its own samples for G generations, heal for H, and measure it all."""
-        from diffaudit.loop.experiment import run_experiment
-        from diffaudit.loop.presets import build_experiment, pipeline_experiment
+        from diffaudit.loop.request import LoopRequest, describe, run_loop, run_loop_sweep
 
-        if synthetic_share is not None and synthetic_count is not None:
-            raise ConfigError("give --synthetic-share or --synthetic-count, not both")
         settings, overrides = _parse_settings(set_)
-        for key, value in (
-            ("backend", backend),
-            ("poison_generations", poison_generations),
-            ("heal_generations", heal_generations),
-            ("holdout_classes", _classes(holdout_classes)),
-            ("repeats", repeats),
-            ("seed", seed),
-            ("strength", strength),
-        ):
-            if value is not None:
-                settings[key] = value
-        arm: dict[str, Any] = {}
-        if mode is not None:
-            arm["mode"] = mode
-        if mix_source is not None:
-            arm["mix_source"] = mix_source
-        if synthetic_share is not None:
-            arm.update(synthetic_share=synthetic_share, synthetic_count=None)
-        if synthetic_count is not None:
-            arm.update(synthetic_share=None, synthetic_count=synthetic_count)
-        real, data_info = None, None
-        if model is not None:
-            if data is None:
-                raise ConfigError("--model needs --data captioned:DIR (the images the pipeline is fine-tuned on)")
-            if overrides:
-                raise ConfigError(f"--set {overrides[0]!r}: model/data overrides do not apply to a pipeline loop")
-            exp, (real, data_info) = pipeline_experiment(
-                model, data, settings, arm or None, prompts=str(prompts or ""), dtype=dtype
-            )
-        else:
-            if data is not None or prompts is not None:
-                raise ConfigError(
-                    "--data and --prompts go with --model PIPELINE_DIR (class models: --set data.source=...)"
-                )
-            exp = build_experiment(
-                preset,
-                quick=quick,
-                settings=settings,
-                arm_override=arm or None,
-                overrides=overrides,
-                arms=_names(arms),
-                with_control=with_control,
-            )
+        request = LoopRequest(
+            preset=preset,
+            quick=quick,
+            model=model,
+            data=data,
+            prompts=None if prompts is None else str(prompts),
+            dtype=dtype,
+            backend=backend,
+            mode=mode,
+            mix_source=mix_source,
+            strength=strength,
+            synthetic_share=synthetic_share,
+            synthetic_count=synthetic_count,
+            poison_generations=poison_generations,
+            heal_generations=heal_generations,
+            holdout_classes=_classes(holdout_classes),
+            repeats=repeats,
+            seed=seed,
+            settings=settings,
+            overrides=tuple(overrides),
+            arms=_names(arms),
+            with_control=with_control,
+            tag_and_scrub=tag_and_scrub,
+            tag_key=tag_key,
+            tag_amplitude=tag_amplitude,
+            tag_fpr=tag_fpr,
+        )
+        request.validate()
         if sweep:
-            from diffaudit.loop.sweep import run_sweep
-
             spec = _sweep_spec(sweep, mitigations, mitigation_share)
-            spec.validate(exp.first)
             if dry_run:
+                from diffaudit.loop.request import build
+
+                exp = build(request)[0]
+                spec.validate(exp.first)
                 print_json({"sweep": spec.to_dict(), "base": exp.first.to_dict()})
                 return
-            doc = run_sweep(exp.first, spec, out, resume=resume, real=real, data_info=data_info)
-            _print_map(doc)
+            _print_map(run_loop_sweep(request, spec, out, resume=resume))
             err.print(f"loop sweep written to {out} (map.json, map-fid.png, map-recall.png, cells/)")
             return
         if dry_run:
-            print_json(exp.to_dict())
+            print_json(describe(request))
             return
-        tag_fn = None
-        if tag_and_scrub:
-            from diffaudit.loop.plan import load_real
-            from diffaudit.loop.safeguards import tag_and_scrub_hooks
-
-            if real is None:
-                real, data_info = load_real(exp.first)
-            exp.hooks, tag_fn, tag_info = tag_and_scrub_hooks(real, tag_key, tag_amplitude, tag_fpr)
-        summary = run_experiment(exp, out, resume=resume, real=real, data_info=data_info)
-        if tag_fn is not None:
-            tag_info["inherited_tag_rate_by_generation"] = tag_fn.inherited
-            atomic_write_json(out / "safeguard.json", tag_info)
-            err.print(f"tag-and-scrub: threshold {tag_info['threshold']:.4g}; see {out / 'safeguard.json'}")
+        summary = run_loop(request, out, resume=resume)
+        if "safeguard" in summary:
+            threshold = summary["safeguard"]["threshold"]
+            err.print(f"tag-and-scrub: threshold {threshold:.4g}; see {out / 'safeguard.json'}")
         _print_healing(summary)
-        err.print(f"loop {exp.name} written to {out} (summary.json, metrics.jsonl, curves.png)")
+        err.print(f"loop written to {out} (summary.json, metrics.jsonl, curves.png)")
 
     @app.command("loop-merge")
     def loop_merge(
