@@ -15,6 +15,10 @@ def test_quick_demo_end_to_end_and_rerun_skips(tmp_path):
             assert manifest["status"] == "finished", stage.name
             assert f"{manifest['kind']}: {stage.run_dir}" in page
     assert (out / "guard" / "decisions.json").exists()
+    # the loop shows its paired control beside the poisoned arm, and the report's collapse card compares them
+    arms = json.loads((out / "loop" / "summary.json").read_text())["arms"]
+    assert list(arms) == ["control", "custom"]
+    assert "No control arm, so no verdict" not in page  # the summary card judges the loop against its control
     assert (out / "loop-tag-scrub" / "safeguard.json").exists()
     assert page.count("data:image/png;base64,") >= 8
     # a second run finds everything finished and only rewrites the report

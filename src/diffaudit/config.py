@@ -384,3 +384,15 @@ def apply_overrides(preset: Preset, overrides: list[str]) -> Preset:
         name: dataclasses.replace(obj, **changes[name]) if changes[name] else obj for name, obj in sections.items()
     }
     return validate_preset(dataclasses.replace(preset, **updated))  # type: ignore[arg-type]
+
+
+def resolve_preset(name: str, data: str | None, overrides: list[str] | None, steps: int | None = None) -> Preset:
+    """A preset with a data source, a step count and ``--set`` overrides applied (in that order), validated."""
+    import json
+
+    extra: list[str] = []
+    if data is not None:
+        extra.append(f"data.source={json.dumps(data)}")
+    if steps is not None:
+        extra.append(f"train.steps={steps}")
+    return apply_overrides(get_preset(name), extra + list(overrides or []))

@@ -11,7 +11,9 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from diffaudit.config import DataConfig, Preset, apply_overrides, get_preset, validate_data
+from diffaudit.config import DataConfig, resolve_preset, validate_data
+
+__all__ = ["data_config_from_options", "err", "out", "print_json", "print_table", "resolve_preset"]
 from diffaudit.errors import one_line
 
 out = Console()
@@ -37,17 +39,6 @@ def print_table(title: str, rows: dict[str, Any]) -> None:
     for key, value in rows.items():
         table.add_row(Text(str(key)), Text(f"{value:.4g}" if isinstance(value, float) else str(value)))
     out.print(table)
-
-
-def resolve_preset(name: str, data: str | None, overrides: list[str] | None, steps: int | None = None) -> Preset:
-    """A preset with ``--data``, ``--steps`` and ``--set`` overrides applied (in that order), validated."""
-    preset = get_preset(name)
-    extra: list[str] = []
-    if data is not None:
-        extra.append(f"data.source={json.dumps(data)}")
-    if steps is not None:
-        extra.append(f"train.steps={steps}")
-    return apply_overrides(preset, extra + list(overrides or []))
 
 
 def data_config_from_options(

@@ -13,10 +13,6 @@ import typer
 from diffaudit.cli.common import err, print_json, print_table
 from diffaudit.errors import ConfigError
 
-# Sources whose images keep their meaning under a horizontal flip (digits and letters do not: flips change
-# the class), used when --flip/--no-flip is not given.
-FLIP_SAFE_SOURCES = ("faces",)
-
 
 def parse_timesteps(text: str) -> tuple[int, ...]:
     """``"10,50,100"`` -> ``(10, 50, 100)``; rejects empty, non-integer and duplicate entries."""
@@ -27,28 +23,6 @@ def parse_timesteps(text: str) -> tuple[int, ...]:
     if not values or len(set(values)) != len(values):
         raise ConfigError(f"--timesteps {text!r}: give distinct integers, e.g. 10,50,100,300")
     return values
-
-
-COMMON_CHOICES: dict[str, dict[str, object]] = {
-    "timestep_selection": {
-        "value": "per attack, the largest AUC on the selection split",
-        "reason": "the paper's Goldilocks zone t in [50, 300] is model dependent; AUC is the only "
-        "stable criterion on a small selection split (TPR at low FPR is too coarse there)",
-    },
-    "lira_statistic": {
-        "value": "log of the loss averaged over noise draws (and flip)",
-        "reason": "losses are positive and skewed; the log makes per-sample Gaussians fit",
-    },
-    "lira_fallback": {
-        "value": "a sample without IN (OUT) shadows uses the OUT (IN) mean shifted by the mean gap",
-        "reason": "with K random halves about 2^-K of the samples lack one side",
-    },
-    "tpr_at_fpr_rule": {
-        "value": "largest TPR at FPR <= target, no interpolation; below 1/num_nonmembers flagged",
-        "reason": "never overstates the attack; the resolution is explicit",
-    },
-    "training_seeds": {"value": "train seed (preset's for class models, else 0) + 1000 * seed + model index"},
-}
 
 
 def register(app: typer.Typer) -> None:
@@ -100,172 +74,55 @@ def register(app: typer.Typer) -> None:
         """Membership inference: fit a target and K shadows on random halves of a pool (or attack --model with
         --members), attack with the loss threshold and LiRA, write the ROC; then Wen et al.'s detector."""
         if suspect is not None or unseen is not None:
-            _dataset_inference(
-                out, model, suspect, unseen, dtype, parse_timesteps(timesteps), noise_draws, alpha, permutations,
-                pia_t, secmi_t, secmi_k, seed, batch_size, resume, dry_run,
+            from diffaudit.attacks.mia_audit import DatasetInferenceRequest, run_dataset_inference_audit
+
+            if suspect is None or unseen is None:
+                raise ConfigError("dataset inference needs both --suspect and --unseen (images known not in training)")
+            if model is None:
+                raise ConfigError("dataset inference needs --model (the model suspected of training on --suspect)")
+            di = DatasetInferenceRequest(
+                model=model, suspect=suspect, unseen=unseen, dtype=dtype, timesteps=parse_timesteps(timesteps),
+                noise_draws=noise_draws, alpha=alpha, permutations=permutations, pia_t=pia_t, secmi_t=secmi_t,
+                secmi_k=secmi_k, seed=seed, batch_size=batch_size,
             )  # fmt: skip
+            if dry_run:
+                from diffaudit.attacks.mia_audit import resolve_dataset_inference
+
+                print_json(resolve_dataset_inference(di)[2])
+                return
+            found = run_dataset_inference_audit(di, out, resume=resume)
+            keys = ("p_value", "statistic", "num_suspect", "num_unseen", "used", "images_needed")
+            print_table("dataset inference", {k: found[k] for k in keys})
+            err.print(f"results in {out / 'results.json'}")
             return
-        from diffaudit.attacks.mia_setup import ShadowTraining, build_setup, load_inputs
-        from diffaudit.attacks.shadow import MiaConfig
-        from diffaudit.cli.common import resolve_preset
+        from diffaudit.attacks.mia_audit import MiaRequest, resolve_mia, run_mia_audit
 
         if target is not None:
             if model is not None:
                 raise ConfigError("give --model only (--target is its old name)")
+            if members is None:
+                raise ConfigError("--target and --members go together (a user model and the ids it trained on)")
             model = target
-        if target is not None and members is None:
-            raise ConfigError("--target and --members go together (a user model and the ids it trained on)")
-        if nonmembers is not None and members is None:
-            raise ConfigError("--nonmembers goes with --members (the model's training images)")
-        cfg = resolve_preset(preset, data if model is None else None, set_, steps)
-        choices: dict[str, dict[str, object]] = {}
-        if num_shadows is None:
-            num_shadows = 0 if members is not None else 8
-            choices["num_shadows"] = {
-                "value": num_shadows,
-                "reason": "user target: loss threshold only unless shadows are asked for"
-                if members is not None
-                else "default K=8 (Carlini et al. use 16 on CIFAR-10; CPU budget)",
-            }
-        if flip is None:
-            spec = data or members or cfg.data.source
-            base = spec.split(":", 1)[0]
-            flip = base in FLIP_SAFE_SOURCES
-            choices["flip"] = {
-                "value": flip,
-                "reason": f"source {base!r} {'keeps' if flip else 'may not keep'} its meaning under a horizontal flip",
-            }
-        inputs = load_inputs(cfg, model, data, members, nonmembers, prompts and str(prompts), shadow_base, None, dtype)
-        if keep_models is None:
-            is_pipeline = inputs.model is not None and inputs.model.describe().get("family") == "pipeline"
-            keep_models = not is_pipeline
-            choices["keep_models"] = {
-                "value": keep_models,
-                "reason": "a fine-tuned pipeline copy is large; a shard's output is its losses"
-                if is_pipeline
-                else "small models: kept for inspection",
-            }
-        mcfg = MiaConfig(
-            num_shadows=num_shadows,
-            timesteps=parse_timesteps(timesteps),
-            noise_draws=noise_draws,
-            flip=flip,
-            pool_size=pool_size,
-            selection_fraction=selection_fraction,
-            fix_variance=fix_variance,
-            seed=seed,
-            batch_size=batch_size,
-            steps=steps,
-            keep_models=keep_models,
-            query_attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
-            pia_t=pia_t,
-            secmi_t=secmi_t,
+        request = MiaRequest(
+            model=model, data=data, members=members, nonmembers=nonmembers,
+            prompts=None if prompts is None else str(prompts), dtype=dtype, trainer=trainer, shadow_base=shadow_base,
+            lora_rank=lora_rank, learning_rate=learning_rate, preset=preset, steps=steps, overrides=tuple(set_ or ()),
+            num_shadows=num_shadows, timesteps=parse_timesteps(timesteps), noise_draws=noise_draws, flip=flip,
+            pool_size=pool_size, selection_fraction=selection_fraction, fix_variance=fix_variance, seed=seed,
+            batch_size=batch_size, keep_models=keep_models, wen=wen, wen_seeds=wen_seeds,
+            extract_run=None if extract_run is None else str(extract_run),
+            attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), pia_t=pia_t, secmi_t=secmi_t,
             secmi_k=secmi_k,
-        )
-        setup, made = build_setup(
-            mcfg,
-            cfg,
-            inputs.data,
-            inputs.model,
-            inputs.members,
-            inputs.nonmembers,
-            trainer,
-            inputs.shadow_base,
-            ShadowTraining(lora_rank=lora_rank, learning_rate=learning_rate),
-            inputs.wen_conditions,
-            show_progress=True,
-        )
-        choices |= made | COMMON_CHOICES
-        resolved = {
-            "preset": cfg.to_dict(),
-            "mia": {k: list(v) if isinstance(v, tuple) else v for k, v in mcfg.__dict__.items()},
-            "choices": choices,
-            "model": model,
-            "members": members,
-            "nonmembers": nonmembers,
-            "setup": setup.describe,
-            "wen": {"enabled": wen, "num_seeds": wen_seeds, "prompts": None if prompts is None else str(prompts)},
-            "extract_run": str(extract_run) if extract_run else None,
-        }
+        )  # fmt: skip
         if dry_run:
+            resolved = resolve_mia(request)[2]
+            resolved.pop("data_info", None)
             print_json(resolved)
             return
-        _run(mcfg, setup, resolved | {"data_info": inputs.data_info}, out, resume, wen, wen_seeds, extract_run, cfg)
-
-
-def _run(mcfg, setup, resolved, out, resume, wen, wen_seeds, extract_run, cfg) -> None:  # noqa: ANN001
-    from diffaudit.attacks.mia_run import run_mia, run_wen
-    from diffaudit.runs import RunDir
-
-    with RunDir(out, kind="mia", resume=resume) as run:
-        run.write_config(resolved)
-        results = run_mia(mcfg, setup, run)
+        results = run_mia_audit(request, out, resume=resume)
         for name, r in results["attacks"].items():
-            print_table(
-                f"{name} (t={r['t']})",
-                {k: r[k] for k in ("auc", "tpr@1%fpr", "tpr@0.1%fpr", "num_members", "num_nonmembers")},
-            )
-        if wen:
-            report = run_wen(setup, run, wen_seeds, cfg.sample.guidance_scale, mcfg.seed, extract_run)
-            if report is None:
-                err.print("Wen detector skipped: the target is unconditional")
-    err.print(f"results in {out / 'results.json'}, ROC {out / 'roc.png'}")
-
-
-def _dataset_inference(  # noqa: PLR0913
-    out: Path,
-    model: str | None,
-    suspect: str | None,
-    unseen: str | None,
-    dtype: str,
-    timesteps: tuple[int, ...],
-    noise_draws: int,
-    alpha: float,
-    permutations: int,
-    pia_t: int,
-    secmi_t: int,
-    secmi_k: int,
-    seed: int,
-    batch_size: int,
-    resume: bool,
-    dry_run: bool,
-) -> None:
-    """``--suspect SOURCE --unseen SOURCE --model M``: was the suspect set used to train the model?"""
-    from diffaudit.attacks.dataset_inference import DatasetInferenceConfig, run_dataset_inference
-    from diffaudit.attacks.mia_setup import load_suspect_sets
-    from diffaudit.runs import RunDir
-
-    if suspect is None or unseen is None:
-        raise ConfigError("dataset inference needs both --suspect and --unseen (images known not to be in training)")
-    if model is None:
-        raise ConfigError("dataset inference needs --model (the model suspected of training on --suspect)")
-    cfg = DatasetInferenceConfig(
-        timesteps=timesteps, noise_draws=noise_draws, pia_t=pia_t, secmi_t=secmi_t, secmi_k=secmi_k,
-        alpha=alpha, permutations=permutations, seed=seed, batch_size=min(batch_size, 64),
-    )  # fmt: skip
-    cfg.validate()
-    gen, sus, uns, info = load_suspect_sets(model, suspect, unseen, None, dtype)
-    resolved = {
-        "dataset_inference": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()},
-        "model": model,
-        "suspect": suspect,
-        "unseen": unseen,
-        "data_info": info,
-        "choices": {
-            "test": {
-                "value": "permutation test of the cross-fitted AUC of a ridge combination of per-image signals",
-                "reason": "exact under the null (suspect and unseen exchangeable) for any set sizes",
-            }
-        },
-    }
-    if dry_run:
-        print_json(resolved)
-        return
-    with RunDir(out, kind="mia", resume=resume) as run:
-        run.write_config(resolved)
-        found = run_dataset_inference(cfg, gen, sus, uns, run)["dataset_inference"]
-    print_table(
-        "dataset inference",
-        {k: found[k] for k in ("p_value", "statistic", "num_suspect", "num_unseen", "used", "images_needed")},
-    )
-    err.print(f"results in {out / 'results.json'}")
+            keys = ("auc", "tpr@1%fpr", "tpr@0.1%fpr", "num_members", "num_nonmembers")
+            print_table(f"{name} (t={r['t']})", {k: r[k] for k in keys})
+        if request.wen and results.get("wen") is None:
+            err.print("Wen detector skipped: the target is unconditional")
+        err.print(f"results in {out / 'results.json'}, ROC {out / 'roc.png'}")
