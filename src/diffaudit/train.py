@@ -203,12 +203,7 @@ def _dp_loss_and_grads(
     """One DP-SGD step's gradients (set on the parameters) with the same draws as :meth:`DiffusionModel.loss`."""
     from diffaudit.dp import DP_NOISE_STREAM, private_gradients
 
-    n = x0.shape[0]
-    t = torch.randint(0, model.config.num_train_timesteps, (n,), generator=gen).to(x0.device)
-    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-    if labels is not None and model.config.conditional and tcfg.cond_drop_prob > 0:
-        drop = torch.rand(n, generator=gen).to(x0.device) < tcfg.cond_drop_prob
-        labels = torch.where(drop, torch.full_like(labels, -1), labels)
+    t, noise, labels = model.draw_step(x0, labels, gen, tcfg.cond_drop_prob)
     noise_gen = torch.Generator().manual_seed(_step_seed(tcfg.seed, step) ^ DP_NOISE_STREAM)
     loss, clipped = private_gradients(model, x0, labels, t, noise, tcfg.dp_clip, dp["noise_multiplier"], noise_gen)
     return torch.tensor(loss), clipped

@@ -91,7 +91,19 @@ class DiffusionModel(torch.nn.Module):
     ) -> torch.Tensor:
         """The training loss (scalar): uniform timesteps, Gaussian noise, labels dropped with ``cond_drop_prob``.
 
-        All randomness comes from ``generator`` so a training step is reproducible from its seed.
+        All randomness comes from ``generator`` (:meth:`draw_step`) so a training step is reproducible from its seed.
+        """
+        t, noise, labels = self.draw_step(x0, labels, generator, cond_drop_prob)
+        return self.per_sample_loss(x0, labels, t, noise).mean()
+
+    def draw_step(
+        self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator, cond_drop_prob: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One training step's randomness for the batch ``x0``, drawn from ``generator`` in a fixed order.
+
+        Returns timesteps ``int64 (B,)``, noise like ``x0`` and the labels with classifier-free dropout applied
+        (-1 = null). The single source of these draws for the plain, data-parallel and DP-SGD training steps, so
+        all three train on the same timesteps and noise for a given seed.
         """
         n = x0.shape[0]
         t = torch.randint(0, self.config.num_train_timesteps, (n,), generator=generator).to(x0.device)
@@ -99,4 +111,4 @@ class DiffusionModel(torch.nn.Module):
         if labels is not None and self.config.conditional and cond_drop_prob > 0:
             drop = torch.rand(n, generator=generator).to(x0.device) < cond_drop_prob
             labels = torch.where(drop, torch.full_like(labels, -1), labels)
-        return self.per_sample_loss(x0, labels, t, noise).mean()
+        return t, noise, labels

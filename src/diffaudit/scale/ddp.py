@@ -75,17 +75,13 @@ def global_batch_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of :meth:`DiffusionModel.loss` over the global batch ``x0`` ``(B, C, H, W)``.
 
-    Draws timesteps, noise and dropout for all ``B`` rows in the order ``DiffusionModel.loss`` does (keep the
-    two in step: tests compare them), then returns ``(to_backward, slice_sum)``: ``slice_sum / B`` scaled so
+    Draws timesteps, noise and dropout for all ``B`` rows with :meth:`DiffusionModel.draw_step` (as the loss
+    does), then returns ``(to_backward, slice_sum)``: ``slice_sum / B`` scaled so
     that summing gradients over ranks gives the gradient of the global mean, and the detached sum of this
     slice's per-sample losses (all-reduced by the caller for logging).
     """
     n = x0.shape[0]
-    t = torch.randint(0, model.config.num_train_timesteps, (n,), generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    if labels is not None and model.config.conditional and cond_drop_prob > 0:
-        drop = torch.rand(n, generator=generator).to(x0.device) < cond_drop_prob
-        labels = torch.where(drop, torch.full_like(labels, -1), labels)
+    t, noise, labels = model.draw_step(x0, labels, generator, cond_drop_prob)
     rows = ctx.slice(n)
     per = model.per_sample_loss(x0[rows], None if labels is None else labels[rows], t[rows], noise[rows])
     total = per.sum()
