@@ -112,8 +112,17 @@ def trained_model(arm: str, role: str, data: ImageSet, args: argparse.Namespace)
     return ClassCondGenerator.load(path / "model", device="cpu"), float(json.loads(timing.read_text())["seconds"])
 
 
-def extraction(gens: ImageSet, members: ImageSet, table: list[dict], args: argparse.Namespace) -> dict[str, Any]:
-    """Cliques per caption, the adaptive ratio, generations within delta, canaries reproduced."""
+def extraction(
+    gens: ImageSet, members: ImageSet, fresh: ImageSet, table: list[dict], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Cliques per caption, the adaptive ratio, generations within delta 0.15 and within a calibrated threshold.
+
+    At 16x16, 0.15 is loose (17 of the 50 non-member faces lie within 0.15 of a member), so copies are also
+    counted against the split-conformal 2% threshold on the non-member faces' nearest-member distances (with 50
+    of them: the smallest, strict), i.e. closer to a member than any fresh real face is.
+    """
+    from diffaudit.guards.index import calibrate_threshold
+
     params = ex.ExtractionParams(min_clique=args.min_clique, max_cliques=5)
     records = [
         ex.scan_label(gens.subset(gens.labels == c), members, params, c, CAPTIONS[c]) for c in range(len(CAPTIONS))
@@ -124,7 +133,14 @@ def extraction(gens: ImageSet, members: ImageSet, table: list[dict], args: argpa
     within = d[:, 0] <= 0.15
     reproduced = set(members.ids[idx[within, 0]].tolist())
     canaries = {str(r["copies"]): int(r["id"] in reproduced) for r in table}
+    threshold, _ = calibrate_threshold(nearest_neighbors(fresh.images, members.images, k=1)[0][:, 0], 0.02)
+    copied = d[:, 0] < threshold
+    copied_ids = set(members.ids[idx[copied, 0]].tolist())
     return {
+        "copy_threshold": float(threshold),
+        "generations_copied": int(copied.sum()),
+        "members_copied": len(copied_ids),
+        "canaries_copied": f"{sum(r['id'] in copied_ids for r in table)}/{len(table)}",
         "clique_extracted": summary[ex.NUM_EXTRACTED],
         "flagged_cliques": summary[ex.FLAGGED_CLIQUES],
         "adaptive_ratio_extracted": len(untargeted["extracted_train_ids"]),
@@ -204,7 +220,8 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
         gens = gen.sample(labels, seeds, **kw)
     sample_s = time.perf_counter() - start - (mitigation_s if arm == "wen" else 0.0)
     row["removed_before_training"] = len(plant_canaries(member_set, COPY_COUNTS, 1, seed=args.seed)[0]) - len(data)
-    row |= extraction(gens, member_set, table, args)
+    np.savez_compressed(args.out / "arms" / f"{arm}-samples.npz", images=gens.images, labels=gens.labels)
+    row |= extraction(gens, member_set, pool.subset(~members), table, args)
     row |= membership(base, gen, pool, members, args)
     if arm in ("wen", "amg"):
         row["membership_note"] = "same weights as none: a loss attack cannot see a sampling-time mitigation"
@@ -235,7 +252,7 @@ def price_figure(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for j, (key, label) in enumerate(
         [
-            ("members_within_delta", "members within 0.15"),
+            ("members_copied", "members copied (calibrated)"),
             ("adaptive_ratio_extracted", "adaptive ratio"),
             ("clique_extracted", "cliques"),
         ]
