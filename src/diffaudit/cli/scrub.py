@@ -7,17 +7,11 @@ from pathlib import Path
 
 import typer
 
-from diffaudit.cli.common import data_config_from_options, err, print_json
-from diffaudit.cli.tag import METHOD_HELP, MODEL_HELP, TAGGER_HELP, detector_from_options, make_tagger
-from diffaudit.errors import ConfigError
+from diffaudit.cli.common import err, print_json
+from diffaudit.cli.tag import METHOD_HELP, MODEL_HELP, TAGGER_HELP
 
 #: Carlini et al.'s near-copy threshold (diffaudit.guards.index.CARLINI_DELTA; not imported, to keep start-up light).
 CARLINI_DELTA = 0.15
-
-
-def scrub_manifest_path(out: Path) -> Path:
-    """``clean.npz`` -> ``clean.scrub.json``."""
-    return out.with_name(out.stem + ".scrub.json")
 
 
 def register(app: typer.Typer) -> None:
@@ -48,51 +42,25 @@ def register(app: typer.Typer) -> None:
 
         With --method/--detector, --calibrate-on names real images that set the detector's threshold (and the
         tag threshold, when --tagger is given too)."""
-        from diffaudit.data.imageset import ImageSet
-        from diffaudit.data.loading import load_data
-        from diffaudit.guards.scrub import scrub, scrub_summary
-        from diffaudit.io import atomic_write_json
+        from diffaudit.guards.scrub_run import ScrubConfig, parse_generated, run_scrub, scrub_manifest_path
+        from diffaudit.guards.tag_run import DetectorOptions
 
-        use_detector = method is not None or detector is not None
-        if tagger is None and generated is None and not use_detector:
-            raise ConfigError(
-                "nothing to scrub by: give --tagger (with a threshold), --method / --detector, or --generated"
-            )
-        source, _ = load_data(data_config_from_options(data, None, None, None, 0, False))
-        det = None
-        if use_detector:
-            det = detector_from_options(
-                method, detector, model, prompts, dtype, train_real, train_generated, calibrate_on, target_fpr, seed,
-                cnn_steps,
-            )  # fmt: skip
-        t = None
-        thr = threshold
-        if tagger is not None:
-            t = make_tagger(tagger, key, None, preset)
-            if calibrate_on is not None:
-                if threshold is not None:
-                    raise ConfigError("give either --threshold or --calibrate-on, not both")
-                thr = t.calibrate(ImageSet.load(calibrate_on).images, target_fpr)
-            elif threshold is None:
-                raise ConfigError("--tagger needs --threshold T or --calibrate-on CLEAN.npz")
-        gens = [ImageSet.load(Path(p.strip())) for p in generated.split(",") if p.strip()] if generated else []
-        kept, removed = scrub(source, t, thr, gens, near_copy_delta, metric, detector=det)
-        kept.save(out)
-        summary = scrub_summary(source, removed)
-        manifest = {
-            "data": data,
-            "out": str(out),
-            "tagger": None if t is None else {"name": t.name, "params": t.params},
-            "tag_threshold": thr,
-            "tag_threshold_source": None if t is None else ("calibrated" if calibrate_on else "given"),
-            "generated": [p.strip() for p in generated.split(",")] if generated else [],
-            "detector": None if det is None else det.describe(),
-            "near_copy_delta": near_copy_delta if gens else None,
-            "metric": metric,
-            "summary": summary,
-            "removed": removed,
-        }
+        detection = DetectorOptions(
+            method, detector, model, prompts, dtype, train_real, train_generated, calibrate_on, target_fpr, seed,
+            cnn_steps,
+        )  # fmt: skip
+        config = ScrubConfig(
+            data=data,
+            tagger=tagger,
+            key=key,
+            preset=preset,
+            threshold=threshold,
+            generated=parse_generated(generated),
+            near_copy_delta=near_copy_delta,
+            metric=metric,
+            detection=detection,
+        )
+        summary = run_scrub(config, out)["summary"]
         path = scrub_manifest_path(out)
-        atomic_write_json(path, manifest)
         err.print(f"kept {summary['num_kept']} of {summary['num_in']}; removed {summary['num_removed']} ({path})")
         print_json(summary)
