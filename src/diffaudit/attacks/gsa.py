@@ -65,9 +65,11 @@ def classifier_scores(features: np.ndarray, train: np.ndarray, members: np.ndarr
     from sklearn.model_selection import StratifiedKFold
 
     rows, y = np.flatnonzero(train), members[train]
-    folds = StratifiedKFold(n_splits=min(4, int(y.sum()), int((~y).sum())), shuffle=True, random_state=seed)
-    cv_auc = {}
-    for c in GSA_CS:
+    splits = min(4, int(y.sum()), int((~y).sum()))
+    # Too few of a class to cross-validate (a tiny selection split): scikit-learn's default C = 1.
+    cv_auc = {c: float(c == 1.0) for c in GSA_CS} if splits < 2 else {}
+    folds = StratifiedKFold(n_splits=max(splits, 2), shuffle=True, random_state=seed)
+    for c in GSA_CS if splits >= 2 else ():
         aucs = []
         for fit_rows, held in folds.split(rows, y):
             if y[held].all() or not y[held].any():
