@@ -268,6 +268,7 @@ def run_repeat(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     base: Result | None = None,
     base_extra: int | None = None,
+    stop: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run every generation of one arm for one repeat (a pure function of its arguments); returns its rows.
 
@@ -279,6 +280,7 @@ def run_repeat(
         base: generation 0 already computed (model, samples, row, drift images), shared between arms.
         base_extra: extra samples of generation 0 when it is shared (the most any arm needs); default: this arm's.
         on_row: called with each row (the experiment appends it to metrics.jsonl).
+        stop: run only generations ``0..stop-1`` (a shard computes the shared generation 0 with ``stop=1``).
     """
     cfg.validate()
     models = models or make_models(cfg)
@@ -303,7 +305,7 @@ def run_repeat(
         pools: list[ImageSet] = []
         model: Any = None
         drift_ref: ImageSet | None = None
-        for g in range(cfg.num_generations):
+        for g in range(cfg.num_generations if stop is None else min(stop, cfg.num_generations)):
             x.last_train = None
             if g == 0 and base is not None:
                 model, samples, row, drift = base
