@@ -88,6 +88,8 @@ def register(app: typer.Typer) -> None:
         from diffaudit.attacks.extraction_run import CalibrationConfig, ExtractConfig, run_extract
         from diffaudit.config import SampleConfig
         from diffaudit.errors import ConfigError
+        from diffaudit.scale.dispatch import ShardOptions, run_sharded
+        from diffaudit.scale.engines import extract_stage
 
         try:
             copies = tuple(int(c) for c in canaries.split(",") if c.strip()) if canaries else ()
@@ -119,10 +121,18 @@ def register(app: typer.Typer) -> None:
             show_progress=progress,
             keep_generations=keep_generations,
         )
-        if shard is not None or shards > 0 or engine != "local":
-            results = _sharded(config, out, shard, shards, engine, address, cpus_per_task, progress)
-            if results is None:
+        sharding = ShardOptions(shard, shards, engine, address, cpus_per_task)
+        if sharding.active:
+            done = run_sharded(extract_stage(), config, out, sharding, show_progress=progress, resume=resume)
+            if done.summary is None:
+                err.print(
+                    f"shard {done.spec.label} in {user_text(done.folder)}; when all {done.spec.count} are done: "
+                    f"diffaudit merge {out}"
+                )
                 return
+            s = done.summary
+            err.print(f"{s['shards']} shards ({s['ran']} run, {s['skipped']} already finished) merged")
+            results = s["results"]
         else:
             results = run_extract(config, out)
         s = results["summary"]
@@ -132,29 +142,3 @@ def register(app: typer.Typer) -> None:
             rows["untargeted_extracted"] = len(results["untargeted"]["extracted_and_within_delta_train_ids"])
         print_table("extraction", rows)
         err.print(f"results in {out / 'results.json'}")
-
-
-def _sharded(config, out: Path, shard, shards: int, engine: str, address, cpus: float, progress: bool) -> dict | None:
-    """``--shard i/n``: one shard (returns None); ``--shards N --engine E``: all N, merged (returns the results)."""
-    import os
-
-    from diffaudit.errors import ConfigError
-    from diffaudit.scale.engines import ENGINES, extract_stage, run_stage
-    from diffaudit.scale.shards import parse_shard
-
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    if config.resume:
-        raise ConfigError("--resume with shards: finished shards are skipped anyway; drop --resume")
-    if shard is not None:
-        if shards or engine != "local":
-            raise ConfigError("--shard i/n runs one shard in this process; use --shards N --engine E to run them all")
-        spec = parse_shard(shard)
-        folder = extract_stage().run_unit(config, out, spec, progress)
-        err.print(f"shard {spec.label} in {user_text(folder)}; when all {spec.count} are done: diffaudit merge {out}")
-        return None
-    count = shards or (max(1, os.cpu_count() or 1) if engine == "ray" else 1)
-    summary = run_stage(extract_stage(), config, out, count, engine=engine, address=address, num_cpus=cpus,
-                        show_progress=progress)  # fmt: skip
-    err.print(f"{summary['shards']} shards ({summary['ran']} run, {summary['skipped']} already finished) merged")
-    return summary["results"]

@@ -50,6 +50,8 @@ def register(app: typer.Typer) -> None:
         from diffaudit.generators import family_of
         from diffaudit.runs import RunDir
         from diffaudit.sampling import SampleRunConfig, run_sample
+        from diffaudit.scale.dispatch import ShardOptions, run_sharded
+        from diffaudit.scale.engines import sample_stage
 
         cfg = SampleRunConfig(
             model=model,
@@ -72,41 +74,22 @@ def register(app: typer.Typer) -> None:
         )
         cfg.validate()
         family_of(model)  # a bad model path fails before the run directory exists
-        if shard is not None or shards > 0 or engine != "local":
-            _sharded(cfg, out, shard, shards, engine, address, cpus_per_task, progress)
+        sharding = ShardOptions(shard, shards, engine, address, cpus_per_task)
+        if sharding.active:
+            done = run_sharded(sample_stage(), cfg, out, sharding, show_progress=progress)
+            if done.summary is None:
+                err.print(
+                    f"shard {done.spec.label} in {user_text(done.folder)}; when all {done.spec.count} are done: "
+                    f"diffaudit merge {out}"
+                )
+                return
+            s = done.summary
+            err.print(
+                f"{s['num_images']} images in {s['shards']} shards ({s['ran']} run, {s['skipped']} already finished) "
+                f"merged into {user_text(out / 'samples.npz')}"
+            )
             return
         with RunDir(out, kind="sample") as run:
             images = run_sample(cfg, run, show_progress=progress)
         guarded = f" (copy filter record: {out / 'guard.json'})" if guard is not None else ""
         err.print(f"{len(images)} images written to {out / 'samples.npz'}; grid {out / 'grid.png'}{guarded}")
-
-
-def _sharded(cfg, out: Path, shard: str | None, shards: int, engine: str, address, cpus: float, progress: bool) -> None:
-    """``--shard i/n``: one shard; ``--shards N --engine E``: all N shards, then the merge."""
-    from diffaudit.errors import ConfigError
-    from diffaudit.scale.engines import ENGINES, run_stage, sample_stage
-    from diffaudit.scale.shards import parse_shard
-
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    if shard is not None:
-        if shards or engine != "local":
-            raise ConfigError("--shard i/n runs one shard in this process; use --shards N --engine E to run them all")
-        spec = parse_shard(shard)
-        folder = sample_stage().run_unit(cfg, out, spec, progress)
-        err.print(f"shard {spec.label} in {user_text(folder)}; when all {spec.count} are done: diffaudit merge {out}")
-        return
-    count = shards or _default_shards(engine)
-    summary = run_stage(sample_stage(), cfg, out, count, engine=engine, address=address, num_cpus=cpus,
-                        show_progress=progress)  # fmt: skip
-    err.print(
-        f"{summary['num_images']} images in {summary['shards']} shards ({summary['ran']} run, {summary['skipped']} "
-        f"already finished) merged into {user_text(out / 'samples.npz')}"
-    )
-
-
-def _default_shards(engine: str) -> int:
-    """Ray without --shards: one shard per CPU of this machine (a cluster: pass --shards)."""
-    import os
-
-    return max(1, os.cpu_count() or 1) if engine == "ray" else 1
