@@ -143,6 +143,15 @@ def register(app: typer.Typer) -> None:
         mitigation_share: float = typer.Option(
             None, "--mitigation-share", help="with --sweep: share of the mitigation arms (default: smallest collapsing)"
         ),
+        shard: str = typer.Option(
+            None,
+            help="run only shard i/n (0-based) of the (arm, repeat) pairs into OUT/shards/, or auto (SLURM array, "
+            "Kubernetes JOB_COMPLETION_INDEX + DIFFAUDIT_SHARD_COUNT, RANK/WORLD_SIZE); then: diffaudit merge OUT",
+        ),
+        shards: int = typer.Option(0, min=0, help="run all of N shards with --engine, then merge (0: no shards)"),
+        engine: str = typer.Option("local", help="local (this process) | ray (Ray tasks; needs the ray extra)"),
+        address: str = typer.Option(None, help="Ray cluster address (auto, ray://HOST:10001); default: a local one"),
+        cpus_per_task: float = typer.Option(1.0, min=0.01, help="with --engine ray: CPUs per shard task"),
     ) -> None:
         """Retrain a model on its own samples for G generations, heal for H, and measure it all."""
         from diffaudit.loop.request import LoopRequest, describe, run_loop, run_loop_sweep
@@ -176,6 +185,9 @@ def register(app: typer.Typer) -> None:
             tag_fpr=tag_fpr,
         )
         request.validate()
+        sharded = shard is not None or shards > 0 or engine != "local"
+        if sharded and (sweep or dry_run or resume):
+            raise ConfigError("--shard/--shards go with a plain loop run (not --sweep, --dry-run or --resume)")
         if sweep:
             spec = _sweep_spec(sweep, mitigations, mitigation_share)
             if dry_run:
@@ -190,6 +202,20 @@ def register(app: typer.Typer) -> None:
             return
         if dry_run:
             print_json(describe(request))
+            return
+        if sharded:
+            from diffaudit.loop.shards import run_loop_shards
+
+            done = run_loop_shards(request, out, shard, shards, engine, address, cpus_per_task)
+            if "folder" in done:
+                spec = done["spec"]
+                folder = done["folder"]
+                err.print(f"shard {spec.label} in {folder}; when all {spec.count} are done: diffaudit merge {out}")
+                return
+            s = done["summary"]
+            err.print(f"{s['shards']} shards ({s['ran']} run, {s['skipped']} already finished) merged")
+            _print_healing(s["summary"])
+            err.print(f"loop written to {out} (summary.json, metrics.jsonl, curves.png)")
             return
         summary = run_loop(request, out, resume=resume)
         if "safeguard" in summary:

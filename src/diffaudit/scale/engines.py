@@ -50,6 +50,13 @@ def extract_stage() -> Stage:
     return Stage("extract", extract_shard, shard_config_hash)
 
 
+def loop_stage() -> Stage:
+    """Loop experiments: one unit is an (arm, repeat) pair (generation 0 recomputed per shard, checked at merge)."""
+    from diffaudit.loop.shards import loop_shard, shard_config_hash
+
+    return Stage("loop", loop_shard, shard_config_hash)
+
+
 def pending(stage: Stage, config: Any, run_dir: Path, count: int) -> list[ShardSpec]:
     """The shards of ``count`` not yet finished with this configuration."""
     chash = stage.config_hash(config)

@@ -25,6 +25,7 @@ from diffaudit.scale.shards import SHARD_MANIFEST, read_shard_manifest, shards_r
 MERGERS: dict[str, str] = {
     "sample": "diffaudit.sampling:merge_sample_shards",
     "extract": "diffaudit.attacks.extraction_shards:merge_extract_shards",
+    "loop": "diffaudit.loop.shards:merge_loop_shards",
 }
 
 
