@@ -69,7 +69,7 @@ def test_tiled_is_max_over_tiles_not_mean() -> None:
 
 
 def test_cancellation_near_copies_are_exact() -> None:
-    # DESIGN.md pitfall: the matmul identity gives ~1e-3 here; the true value is 1e-5.
+    # a known pitfall of the fast path: the matmul identity gives ~1e-3 here; the true value is 1e-5.
     a = np.full((1, 3, 64, 64), 0.75, dtype=np.float32)
     b = np.full((1, 3, 64, 64), np.float32(0.75) + np.float32(1e-5), dtype=np.float32)
     true = float(np.float32(0.75) + np.float32(1e-5)) - 0.75
