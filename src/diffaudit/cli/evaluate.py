@@ -10,9 +10,7 @@ import typer
 from rich.table import Table
 
 from diffaudit.cli.common import out
-from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import ConfigError
-from diffaudit.io import atomic_write_json
 
 
 def parse_options(items: list[str] | None, flag: str) -> dict[str, Any]:
@@ -27,14 +25,6 @@ def parse_options(items: list[str] | None, flag: str) -> dict[str, Any]:
         except json.JSONDecodeError:
             options[key.strip()] = raw
     return options
-
-
-def _load_real(spec: str, like: ImageSet) -> ImageSet:
-    """Load a source spec at the samples' resolution and channels (square images only get resized)."""
-    from diffaudit.data.sources import load_source
-
-    c, h, w = like.shape
-    return load_source(spec, resolution=h if h == w else None, channels=c)
 
 
 def _fmt(value: Any) -> str:
@@ -110,26 +100,20 @@ def register(app: typer.Typer) -> None:
         no_memorization: bool = typer.Option(False, "--no-memorization", help="skip the memorization report"),
     ) -> None:
         """Compare generated SAMPLES with REFERENCE data: FID, KID, precision/recall, coverage, memorization."""
-        from diffaudit.metrics.evaluate import evaluate
-        from diffaudit.sampling import load_samples
+        from diffaudit.metrics.evaluate import EvaluateConfig, run_evaluate
 
-        gen = load_samples(samples)
-        ref = _load_real(reference, gen)
-        train_set = _load_real(train, gen) if train else None
-        result = evaluate(
-            gen,
-            ref,
+        config = EvaluateConfig(
+            samples=str(samples),
+            reference=reference,
             features=features,
-            train=train_set,
+            train=train,
             num_bootstrap=bootstrap,
             seed=seed,
+            delta=delta,
             feature_options=parse_options(feature_option, "--feature-option"),
             metric_options=parse_options(metric_option, "--metric-option"),
-            delta=delta,
             memorization=not no_memorization,
         )
-        result["inputs"] = {"samples": str(samples), "reference": reference, "train": train or reference}
-        print_results(result)
+        print_results(run_evaluate(config, out_path))
         if out_path is not None:
-            atomic_write_json(out_path, result)
             out.print(f"wrote {out_path}")

@@ -4,12 +4,16 @@ The generated set comes first, the reference (real) set second, as everywhere in
 from a registered extractor built on the reference (:mod:`diffaudit.metrics.features`); the metrics themselves
 live in :mod:`diffaudit.metrics.distribution` and :mod:`diffaudit.metrics.memorization`. This module only
 wires them together and records what produced each number (extractor description and accuracy, sizes,
-seeds, timings), so that a results file is interpretable on its own.
+seeds, timings), so that a results file is interpretable on its own. :func:`run_evaluate` is ``diffaudit
+evaluate``: it loads the sets from their specs, calls :func:`evaluate` and writes the JSON.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from diffaudit.data.imageset import ImageSet
@@ -176,3 +180,65 @@ def evaluate(
         KEY_TRAIN_IS_REFERENCE: train is reference,
         KEY_TIMINGS: {k: round(v, 4) for k, v in timings.items()},
     }
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What :func:`run_evaluate` compares: ``samples`` (a ``diffaudit sample`` run directory or an ``.npz``)
+    against ``reference`` (a data spec: digits, folder:PATH, captioned:PATH, npz:PATH...), with memorization
+    measured against ``train`` (a data spec; default: the reference). The other fields are :func:`evaluate`'s."""
+
+    samples: str
+    reference: str
+    features: str = CLASSIFIER
+    train: str | None = None
+    num_bootstrap: int = 0
+    seed: int = 0
+    delta: float = DEFAULT_DELTA
+    feature_options: dict[str, Any] = field(default_factory=dict)
+    metric_options: dict[str, Any] = field(default_factory=dict)
+    memorization: bool = True
+
+
+def load_real_like(spec: str, like: ImageSet) -> ImageSet:
+    """Load the data spec ``spec`` at ``like``'s channels, and its resolution when ``like`` is square (a
+    non-square set is loaded as is; :func:`evaluate` then refuses a shape that differs)."""
+    from diffaudit.data.sources import load_source
+
+    c, h, w = like.shape
+    return load_source(spec, resolution=h if h == w else None, channels=c)
+
+
+def run_evaluate(config: EvaluateConfig, out: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Load the sets of ``config``, :func:`evaluate` them, and write the result JSON to ``out`` when given.
+
+    Returns:
+        :func:`evaluate`'s dict plus ``inputs``: ``{"samples", "reference", "train"}`` as given (``train``
+        defaults to the reference spec).
+    """
+    from diffaudit.io import atomic_write_json
+    from diffaudit.sampling import load_samples
+
+    gen = load_samples(config.samples)
+    ref = load_real_like(config.reference, gen)
+    train_set = load_real_like(config.train, gen) if config.train else None
+    result = evaluate(
+        gen,
+        ref,
+        features=config.features,
+        train=train_set,
+        num_bootstrap=config.num_bootstrap,
+        seed=config.seed,
+        feature_options=config.feature_options,
+        metric_options=config.metric_options,
+        delta=config.delta,
+        memorization=config.memorization,
+    )
+    result["inputs"] = {
+        "samples": str(config.samples),
+        "reference": config.reference,
+        "train": config.train or config.reference,
+    }
+    if out is not None:
+        atomic_write_json(Path(out), result)
+    return result
