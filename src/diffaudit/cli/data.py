@@ -7,8 +7,6 @@ from pathlib import Path
 import typer
 
 from diffaudit.cli.common import data_config_from_options, print_json
-from diffaudit.data.grid import save_grid
-from diffaudit.data.loading import load_data
 
 
 def register(app: typer.Typer) -> None:
@@ -28,17 +26,9 @@ def register(app: typer.Typer) -> None:
         save: Path = typer.Option(None, help="also save the loaded set as .npz"),
     ) -> None:
         """Print a summary of SOURCE and write a grid of its first images."""
+        from diffaudit.data.show import show_source
+
         cfg = data_config_from_options(source, resolution, channels, subset, seed, skip_bad)
-        data, info = load_data(cfg)
-        summary = data.summary() | {k: v for k, v in info.items() if k != "skipped_files"}
-        if info.get("skipped_files"):
-            summary["skipped_files"] = info["skipped_files"][:20]
-        grid_path = grid or Path(f"{source.replace(':', '_').replace('/', '_')}-grid.png")
-        save_grid(data.images, grid_path)
-        summary["grid"] = str(grid_path)
-        if save:
-            data.save(save)
-            summary["saved"] = str(save)
-        print_json(summary)
+        print_json(show_source(cfg, grid, save))
 
     app.add_typer(data_app, name="data")
