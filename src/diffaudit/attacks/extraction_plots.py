@@ -7,15 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from diffaudit.io import atomic_path
-
 
 def save_pairs_figure(pairs: Sequence[tuple[np.ndarray, np.ndarray, float, str]], path: str | Path) -> Path:
     """PNG of rows "generation | training image | distance"; ``pairs`` holds uint8 ``(C, H, W)`` images."""
-    import matplotlib
+    from diffaudit.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = max(1, len(pairs))
     fig, axes = plt.subplots(rows, 2, figsize=(3.2, 1.5 * rows), squeeze=False)
@@ -32,18 +29,15 @@ def save_pairs_figure(pairs: Sequence[tuple[np.ndarray, np.ndarray, float, str]]
         axes[r][0].set_title(caption, fontsize=6)
         axes[r][1].set_title(f"train, l2={d:.3f}", fontsize=6)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path, dpi=100, tight=False)
     return Path(path)
 
 
 def save_duplication_plot(by_copies: dict[str, dict[str, object]], path: str | Path) -> Path:
     """Extraction rate against duplication count (log x), clique attack and any-generation oracle."""
-    import matplotlib
+    from diffaudit.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ks = sorted(by_copies, key=int)
     x = [int(k) for k in ks]
@@ -56,18 +50,15 @@ def save_duplication_plot(by_copies: dict[str, dict[str, object]], path: str | P
     ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path, dpi=100, tight=False)
     return Path(path)
 
 
 def save_roc_plot(fpr: np.ndarray, tpr: np.ndarray, chosen: tuple[float, float], path: str | Path) -> Path:
     """ROC of the edge threshold calibration with the chosen operating point."""
-    import matplotlib
+    from diffaudit.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(3.5, 3))
     ax.plot(fpr, tpr)
@@ -76,7 +67,5 @@ def save_roc_plot(fpr: np.ndarray, tpr: np.ndarray, chosen: tuple[float, float],
     ax.set_xlabel("false-edge rate")
     ax.set_ylabel("true-edge rate")
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path, dpi=100, tight=False)
     return Path(path)

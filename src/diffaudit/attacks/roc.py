@@ -103,12 +103,10 @@ def plot_roc(
     Zero rates cannot be drawn on log axes; they are clipped to ``fpr_floor`` (default: half the smallest
     non-zero FPR of the curves), which is marked in the caption.
     """
-    import matplotlib
+    from diffaudit.plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
-    from diffaudit.io import atomic_path
 
     nonzero = [f[f > 0].min() for f, _ in curves.values() if (f > 0).any()]
     floor = fpr_floor if fpr_floor is not None else (min(nonzero) / 2 if nonzero else 1e-3)
@@ -127,9 +125,7 @@ def plot_roc(
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110, tight=False)
 
 
 def curves_for(scores: Mapping[str, np.ndarray], is_member: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -7,17 +7,15 @@ from typing import Any
 
 import numpy as np
 
-from diffaudit.io import atomic_path
-
 #: Panels of the curves figure (metric names; each is drawn per group present in the rows).
 PANELS = ("fid", "precision", "recall", "coverage", "vendi")
 _GROUP_STYLE = {"all": "-", "retrained": "--", "heldout": ":"}
 
 
 def _save(fig: Any, path: Path) -> Path:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    return path
+    from diffaudit.plotting import save_png
+
+    return save_png(fig, path, dpi=110)
 
 
 def plot_curves(summary: dict[str, Any], path: str | Path, title: str = "") -> Path:
@@ -25,10 +23,9 @@ def plot_curves(summary: dict[str, Any], path: str | Path, title: str = "") -> P
 
     Poisoning generations are shaded red, healing generations green (phases of the first arm).
     """
-    import matplotlib
+    from diffaudit.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     stats_keys = sorted({k for arm in summary.values() for k in arm["curves"] if k.startswith("fitted_")})
     panels = [p for p in PANELS if any(k.endswith("/" + p) for arm in summary.values() for k in arm["curves"])]
@@ -81,10 +78,9 @@ def plot_curves(summary: dict[str, Any], path: str | Path, title: str = "") -> P
 
 def plot_grids(run_path: str | Path, arm: str, num_generations: int, path: str | Path, repeat: int = 0) -> Path | None:
     """The sample grids of generations ``0..G+H`` of ``arm`` (repeat ``repeat``) side by side, titled."""
-    import matplotlib
+    from diffaudit.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from PIL import Image
 
     root = Path(run_path) / f"repeat-{repeat}"

@@ -7,16 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from diffaudit.io import atomic_path
-
 #: Heat maps drawn (metric, file name, colour map: red = worse).
 HEATMAPS = (("all/fid", "map-fid.png", "Reds"), ("all/recall", "map-recall.png", "Reds_r"))
 
 
 def _save(fig: Any, path: Path) -> Path:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    return path
+    from diffaudit.plotting import save_png
+
+    return save_png(fig, path, dpi=110)
 
 
 def _layout(doc: dict[str, Any]) -> tuple[list[tuple[str, list]], list[float]]:
@@ -31,10 +29,9 @@ def plot_heatmap(doc: dict[str, Any], metric: str, path: str | Path, cmap: str =
     Each square shows the paired difference (share - 0% control, same seed) at the read-out generation:
     mean and 95% half-width; a frame marks shares that damage (interval above 0), a star those that collapse.
     """
-    import matplotlib
+    from diffaudit.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from diffaudit.loop.sweep import cell_id
 
@@ -101,10 +98,9 @@ def plot_mitigations(doc: dict[str, Any], path: str | Path, metric: str = "all/f
     no mitigation at the same share; 95% intervals over seeds."""
     if not doc.get("mitigations"):
         return None
-    import matplotlib
+    from diffaudit.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = sorted(doc["mitigations"])
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.2), squeeze=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 # Metric keys worth plotting against the step or generation column, in display order.
@@ -19,10 +18,9 @@ def metric_curves_png(rows: list[dict[str, Any]], kind: str) -> bytes | None:
     keys = [k for k in CURVE_KEYS if any(isinstance(r.get(k), int | float) for r in rows)]
     if not keys:
         return None
-    import matplotlib
+    from diffaudit.plotting import png_bytes, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
@@ -32,10 +30,7 @@ def metric_curves_png(rows: list[dict[str, Any]], kind: str) -> bytes | None:
         ax.set_title(key)
         ax.set_xlabel(x_key)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=80)
 
 
 def _plain(text: str) -> str:
@@ -52,10 +47,9 @@ def loop_arms_png(arms: dict[str, Any], control: str | None, keys: list[str]) ->
     keys = [k for k in keys if any(isinstance((a.get("curves") or {}).get(k), dict) for a in arms.values())]
     if not keys:
         return None
-    import matplotlib
+    from diffaudit.plotting import png_bytes, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 2.8), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
@@ -80,7 +74,4 @@ def loop_arms_png(arms: dict[str, Any], control: str | None, keys: list[str]) ->
         ax.set_xlabel("generation")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=80)
