@@ -174,17 +174,31 @@ def run_mia_audit(
     request: MiaRequest, out: str | os.PathLike[str], resume: bool = False, show_progress: bool = True
 ) -> dict[str, Any]:
     """Run the audit into the run directory ``out`` (kind ``mia``); returns ``results.json``'s content."""
-    from diffaudit.attacks.mia_run import run_mia, run_wen
     from diffaudit.runs import RunDir
 
     mcfg, setup, resolved, cfg = resolve_mia(request, show_progress)
     with RunDir(out, kind="mia", resume=resume) as run:
-        run.write_config(resolved)
-        results = run_mia(mcfg, setup, run, show_progress=show_progress)
-        if request.wen:
-            wen = run_wen(setup, run, request.wen_seeds, cfg.sample.guidance_scale, mcfg.seed, request.extract_run,
-                          show_progress=show_progress)  # fmt: skip
-            results = results | {"wen": wen}
+        return audit_run(request, (mcfg, setup, resolved, cfg), run, show_progress)
+
+
+def audit_run(
+    request: MiaRequest,
+    resolved_mia: tuple[Any, Any, dict[str, Any], Any],
+    run: Any,
+    show_progress: bool = True,
+    shards_done: tuple[dict[str, bool], float] | None = None,
+) -> dict[str, Any]:
+    """The audit into the open run ``run`` (config.json, the attacks, Wen's detector); ``resolved_mia`` is
+    :func:`resolve_mia`'s answer. A sharded run's merge calls it with the shards' losses installed."""
+    from diffaudit.attacks.mia_run import run_mia, run_wen
+
+    mcfg, setup, resolved, cfg = resolved_mia
+    run.write_config(resolved)
+    results = run_mia(mcfg, setup, run, show_progress=show_progress, shards_done=shards_done)
+    if request.wen:
+        wen = run_wen(setup, run, request.wen_seeds, cfg.sample.guidance_scale, mcfg.seed, request.extract_run,
+                      show_progress=show_progress)  # fmt: skip
+        results = results | {"wen": wen}
     return results
 
 

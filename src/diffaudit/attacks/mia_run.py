@@ -79,8 +79,17 @@ def evaluate_attacks(
     return results, chosen
 
 
-def run_mia(config: MiaConfig, setup: MiaSetup, run: RunDir, show_progress: bool = True) -> dict[str, object]:
+def run_mia(
+    config: MiaConfig,
+    setup: MiaSetup,
+    run: RunDir,
+    show_progress: bool = True,
+    shards_done: tuple[dict[str, bool], float] | None = None,
+) -> dict[str, object]:
     """Fit target and shadows as needed (one shard each), attack, and write the results into ``run``.
+
+    ``shards_done``: ``({model name: fitted}, seconds)`` of shard processes whose losses were installed under
+    ``run/models`` (a merged sharded run, :mod:`diffaudit.attacks.mia_shards`): reported as this run's.
 
     Writes ``results.json``, ``scores.json`` (per sample, by id), ``membership.npz`` (models x samples membership,
     samples x models statistics), ``roc.png`` and one ``metrics.jsonl`` row per attack; returns the results.
@@ -102,6 +111,8 @@ def run_mia(config: MiaConfig, setup: MiaSetup, run: RunDir, show_progress: bool
     for index in indices:
         paths[index], trained[shard_name(index)] = run_shard(config, setup, index, models_dir, show_progress)
     t_shards = time.perf_counter() - t_shards
+    if shards_done is not None:  # the shards fitted the models; this process only found their losses
+        trained, t_shards = {shard_name(i): bool(shards_done[0][shard_name(i)]) for i in indices}, shards_done[1]
     shadow_idx = list(range(1, config.num_shadows + 1))
     shadow_losses, shadow_ids = merge_shards([paths[i] for i in shadow_idx], pool.ids)  # (N, K, T, V)
     if setup.target is None:

@@ -70,6 +70,15 @@ def register(app: typer.Typer) -> None:
         permutations: int = typer.Option(499, help="dataset inference: permutations of the test"),
         resume: bool = typer.Option(False, "--resume", help="continue; finished models are not retrained"),
         dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
+        shard: str = typer.Option(
+            None,
+            help="fit only shard i/n (0-based) of the models (target, shadows) into OUT/shards/, or auto (SLURM "
+            "array, Kubernetes JOB_COMPLETION_INDEX + DIFFAUDIT_SHARD_COUNT, RANK/WORLD_SIZE); then: diffaudit merge",
+        ),
+        shards: int = typer.Option(0, min=0, help="run all of N shards with --engine, then merge (0: no shards)"),
+        engine: str = typer.Option("local", help="local (this process) | ray (Ray tasks; needs the ray extra)"),
+        address: str = typer.Option(None, help="Ray cluster address (auto, ray://HOST:10001); default: a local one"),
+        cpus_per_task: float = typer.Option(1.0, min=0.01, help="with --engine ray: CPUs per shard task"),
     ) -> None:
         """Membership inference: fit a target and K shadows on random halves of a pool (or attack --model with
         --members), attack with the loss threshold and LiRA, write the ROC; then Wen et al.'s detector."""
@@ -119,7 +128,19 @@ def register(app: typer.Typer) -> None:
             resolved.pop("data_info", None)
             print_json(resolved)
             return
-        results = run_mia_audit(request, out, resume=resume)
+        if shard is not None or shards > 0 or engine != "local":
+            from diffaudit.attacks.mia_shards import run_mia_shards
+
+            if resume:
+                raise ConfigError("--resume with shards: finished shards are skipped anyway; drop --resume")
+            done = run_mia_shards(request, out, shard, shards, engine, address, cpus_per_task)
+            if "folder" in done:
+                spec = done["spec"]
+                err.print(f"shard {spec.label} in {done['folder']}; when all {spec.count} are done: diffaudit merge")
+                return
+            results = done["summary"]["results"]
+        else:
+            results = run_mia_audit(request, out, resume=resume)
         for name, r in results["attacks"].items():
             keys = ("auc", "tpr@1%fpr", "tpr@0.1%fpr", "num_members", "num_nonmembers")
             print_table(f"{name} (t={r['t']})", {k: r[k] for k in keys})

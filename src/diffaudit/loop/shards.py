@@ -159,7 +159,7 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _install(src: Path, dst: Path) -> None:
+def install_folder(src: Path, dst: Path) -> None:
     """``dst`` becomes a copy of the folder ``src`` (built beside it, then renamed; an old ``dst`` is replaced)."""
     tmp = dst.with_name(f".tmp-{dst.name}")
     if tmp.exists():
@@ -216,10 +216,10 @@ def merge_loop_shards(run: Any, shards: list[Any]) -> dict[str, Any]:
                 )
     run.write_config(prep.config_doc)
     for rep, (s, _) in base_of.items():
-        _install(s.path / f"repeat-{rep}" / "gen-000", run.path / f"repeat-{rep}" / "gen-000")
+        install_folder(s.path / f"repeat-{rep}" / "gen-000", run.path / f"repeat-{rep}" / "gen-000")
     for s in shards:
         for rep, arm in items[s.start : s.stop]:
-            _install(s.path / f"repeat-{rep}" / arm, run.path / f"repeat-{rep}" / arm)
+            install_folder(s.path / f"repeat-{rep}" / arm, run.path / f"repeat-{rep}" / arm)
     # metrics.jsonl exactly as the one-process run appends it, rewritten whole so a second merge is the same.
     atomic_write_text(run.file("metrics.jsonl"), "".join(json.dumps(to_jsonable(r)) + "\n" for r in rows))
     summary = finish(exp, prep, run, plots=True)

@@ -57,6 +57,13 @@ def loop_stage() -> Stage:
     return Stage("loop", loop_shard, shard_config_hash)
 
 
+def mia_stage() -> Stage:
+    """Membership inference: one unit is a trained model (the target or a shadow), fitted and scored."""
+    from diffaudit.attacks.mia_shards import mia_shard, shard_config_hash
+
+    return Stage("mia", mia_shard, shard_config_hash)
+
+
 def pending(stage: Stage, config: Any, run_dir: Path, count: int) -> list[ShardSpec]:
     """The shards of ``count`` not yet finished with this configuration."""
     chash = stage.config_hash(config)

@@ -26,6 +26,7 @@ MERGERS: dict[str, str] = {
     "sample": "diffaudit.sampling:merge_sample_shards",
     "extract": "diffaudit.attacks.extraction_shards:merge_extract_shards",
     "loop": "diffaudit.loop.shards:merge_loop_shards",
+    "mia": "diffaudit.attacks.mia_shards:merge_mia_shards",
 }
 
 
