@@ -9,7 +9,8 @@ condition randomisation / Wen et al.'s mitigation need conditions, so every face
 Arms (each a training or sampling option of the library):
 
 * ``none``;
-* ``dedup``: ``data.dedup=0.05`` semantics (:func:`diffaudit.data.dedup.deduplicate` after planting);
+* ``dedup``: ``data.dedup=0.05`` semantics (:func:`diffaudit.data.dedup.deduplicate` after planting), same steps;
+* ``dedup-epochs``: the same, with the steps scaled to the smaller set (the same passes per image as ``none``);
 * ``condrand``: ``train.cond_random_prob`` (Somepalli et al. 2023);
 * ``dp``: ``train.dp_epsilon`` (DP-SGD, Opacus accounting);
 * ``wen``: Wen et al.'s inference-time mitigation on the ``none`` model (``guards.mitigations.sample_wen``);
@@ -53,7 +54,7 @@ from diffaudit.io import atomic_write_json
 from diffaudit.metrics.distribution import fid, precision_recall
 
 COPY_COUNTS = (2, 4, 8, 16, 32)
-TRAINED = ("none", "dedup", "condrand", "dp")
+TRAINED = ("none", "dedup", "dedup-epochs", "condrand", "dp")
 ARMS = (*TRAINED, "wen", "amg")
 CAPTIONS = tuple(f"caption {i}" for i in range(10))
 
@@ -69,14 +70,18 @@ def faces(seed: int) -> tuple[ImageSet, np.ndarray]:
     return data, members
 
 
-def preset(arm: str, args: argparse.Namespace):
+def preset(arm: str, args: argparse.Namespace, n_train: int):
+    steps = args.steps
+    if arm == "dedup-epochs":
+        # As many passes over each kept image as the none arm makes over its 107: the steps shrink with the set.
+        steps = max(1, round(args.steps * n_train / (len(faces(args.seed)[0]) // 2 + sum(c - 1 for c in COPY_COUNTS))))
     over = [
         "data.resolution=16",
         "model.resolution=16",
         "model.block_out_channels=[16,32,32]",
         "train.batch_size=16",
-        f"train.steps={args.steps}",
-        f"train.checkpoint_every={args.steps}",
+        f"train.steps={steps}",
+        f"train.checkpoint_every={steps}",
         "train.log_every=100",
     ]
     if arm == "condrand":
@@ -90,7 +95,7 @@ def train_set(pool: ImageSet, inside: np.ndarray, arm: str, seed: int) -> tuple[
     """Members with canaries planted, deduplicated for ``dedup``; the canary table; the mitigation's seconds."""
     planted, table = plant_canaries(pool.subset(inside), COPY_COUNTS, 1, seed=seed)
     start = time.perf_counter()
-    if arm == "dedup":
+    if arm.startswith("dedup"):
         planted, _ = deduplicate(planted, 0.05)
     return planted, table, time.perf_counter() - start
 
@@ -107,7 +112,7 @@ def trained_model(arm: str, role: str, data: ImageSet, args: argparse.Namespace)
         resume = (path / "manifest.json").exists()
         start = time.perf_counter()
         with RunDir(path, "train", resume=resume) as run:
-            train(preset(arm, args), data, run, show_progress=False)
+            train(preset(arm, args, len(data)), data, run, show_progress=False)
         atomic_write_json(timing, {"seconds": time.perf_counter() - start})
     return ClassCondGenerator.load(path / "model", device="cpu"), float(json.loads(timing.read_text())["seconds"])
 
@@ -203,6 +208,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
     seeds = list(range(len(labels)))
     kw = {"sampler": "ddpm", "num_steps": args.num_steps, "guidance_scale": 2.0, "batch_size": 100}
     row: dict[str, Any] = {"mitigation": arm, "train_images": len(data), "removed_before_training": 0}
+    row["train_steps"] = preset(base, args, len(data)).train.steps
     start = time.perf_counter()
     if arm == "wen":
         # Target: the median first-step gap of the none model over these requests (the top half is mitigated).
