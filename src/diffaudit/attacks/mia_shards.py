@@ -17,7 +17,6 @@ query attacks (PIA, SecMI, GSA) and Wen's detector run on the target here, in th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -29,35 +28,26 @@ from diffaudit.errors import ConfigError
 KIND = "mia"
 SHARD_UNIT = "models"
 REQUEST_FILE = "request.json"
-_TUPLES = ("overrides", "timesteps", "attacks")
 
 
-def request_to_dict(request: Any) -> dict[str, Any]:
-    """A :class:`~diffaudit.attacks.mia_audit.MiaRequest` as JSON-ready data."""
-    from diffaudit.io import to_jsonable
+def _stored(request: Any) -> dict[str, Any]:
+    from diffaudit.scale.shards import request_to_dict
 
-    return to_jsonable(dataclasses.asdict(request))
+    return request_to_dict(request)
 
 
-def request_from_dict(data: dict[str, Any]) -> Any:
-    """The inverse of :func:`request_to_dict` (a ConfigError names a damaged field)."""
+def _restored(data: dict[str, Any]) -> Any:
     from diffaudit.attacks.mia_audit import MiaRequest
+    from diffaudit.scale.shards import request_from_dict
 
-    try:
-        fields = dict(data)
-        for key in _TUPLES:
-            if fields.get(key) is not None:
-                fields[key] = tuple(fields[key])
-        return MiaRequest(**fields)
-    except TypeError as exc:
-        raise ConfigError(f"{REQUEST_FILE}: not a membership-inference request ({exc})") from exc
+    return request_from_dict(MiaRequest, data, REQUEST_FILE)
 
 
 def shard_config_hash(request: Any) -> str:
-    """The hash every shard of one MIA run shares: the whole request."""
-    from diffaudit.scale.shards import config_hash
+    """The hash every shard of one run shares: the whole request."""
+    from diffaudit.scale.shards import request_hash
 
-    return config_hash(request_to_dict(request))
+    return request_hash(request)
 
 
 def model_indices(mcfg: Any, setup: Any) -> list[int]:
@@ -100,7 +90,7 @@ def mia_shard(request: Any, run_dir: str | os.PathLike[str], spec: Any, show_pro
         t0, trained = time.perf_counter(), {}
         for index in items[start:stop]:
             _, trained[shard_name(index)] = run_shard(mcfg, setup, index, folder / "models", show_progress)
-        atomic_write_json(folder / REQUEST_FILE, request_to_dict(request))
+        atomic_write_json(folder / REQUEST_FILE, _stored(request))
         atomic_write_json(folder / "config.json", resolved)
         seconds = time.perf_counter() - t0
         return {"trained": trained, "seconds": seconds, "device": describe_device(resolve_device(None))}
@@ -122,7 +112,7 @@ def merge_mia_shards(run: Any, shards: list[Any]) -> dict[str, Any]:
     from diffaudit.io import read_json, to_jsonable
     from diffaudit.loop.shards import install_folder
 
-    request = request_from_dict(read_json(shards[0].path / REQUEST_FILE, "MIA shard request", ConfigError))
+    request = _restored(read_json(shards[0].path / REQUEST_FILE, "MIA shard request", ConfigError))
     resolved_mia = _resolve(request)
     mcfg, setup, resolved, _ = resolved_mia
     items = model_indices(mcfg, setup)
@@ -143,36 +133,3 @@ def merge_mia_shards(run: Any, shards: list[Any]) -> dict[str, Any]:
     seconds = sum(float(s.manifest.get("seconds", 0.0)) for s in shards)
     results = audit_run(request, resolved_mia, run, show_progress=False, shards_done=(trained, seconds))
     return {"results": results, "models": len(items)}
-
-
-def run_mia_shards(
-    request: Any,
-    out: str | os.PathLike[str],
-    shard: str | None = None,
-    shards: int = 0,
-    engine: str = "local",
-    address: str | None = None,
-    cpus_per_task: float = 1.0,
-    show_progress: bool = True,
-) -> dict[str, Any]:
-    """``diffaudit mia --shard i/n|auto`` (one shard: ``{"spec", "folder"}``) or ``--shards N --engine E`` (all,
-    merged: ``{"summary"}``). Bad options raise ConfigError before anything is written."""
-    from diffaudit.scale.engines import ENGINES, mia_stage, run_stage
-    from diffaudit.scale.shards import parse_shard
-
-    request.validate()
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    if shard is not None:
-        if shards or engine != "local":
-            raise ConfigError("--shard i/n runs one shard in this process; use --shards N --engine E to run them all")
-        spec = parse_shard(shard)
-        if spec is None:
-            raise ConfigError("--shard '': expected i/n (e.g. 0/4; shards are numbered from 0) or auto")
-        return {"spec": spec, "folder": mia_shard(request, out, spec, show_progress)}
-    count = shards or (max(1, os.cpu_count() or 1) if engine == "ray" else 1)
-    summary = run_stage(
-        mia_stage(), request, out, count, engine=engine, address=address, num_cpus=cpus_per_task,
-        show_progress=show_progress,
-    )  # fmt: skip
-    return {"summary": summary}

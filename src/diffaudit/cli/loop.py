@@ -204,15 +204,18 @@ def register(app: typer.Typer) -> None:
             print_json(describe(request))
             return
         if sharded:
-            from diffaudit.loop.shards import run_loop_shards
+            from diffaudit.loop.shards import check_shardable
+            from diffaudit.scale.dispatch import ShardOptions, run_sharded
+            from diffaudit.scale.engines import loop_stage
 
-            done = run_loop_shards(request, out, shard, shards, engine, address, cpus_per_task)
-            if "folder" in done:
-                spec = done["spec"]
-                folder = done["folder"]
-                err.print(f"shard {spec.label} in {folder}; when all {spec.count} are done: diffaudit merge {out}")
+            check_shardable(request)
+            sharding = ShardOptions(shard, shards, engine, address, cpus_per_task)
+            done = run_sharded(loop_stage(), request, out, sharding, resume=resume)
+            if done.folder is not None:
+                spec = done.spec
+                err.print(f"shard {spec.label} in {done.folder}; when all {spec.count} are done: diffaudit merge {out}")
                 return
-            s = done["summary"]
+            s = done.summary
             err.print(f"{s['shards']} shards ({s['ran']} run, {s['skipped']} already finished) merged")
             _print_healing(s["summary"])
             err.print(f"loop written to {out} (summary.json, metrics.jsonl, curves.png)")

@@ -129,16 +129,17 @@ def register(app: typer.Typer) -> None:
             print_json(resolved)
             return
         if shard is not None or shards > 0 or engine != "local":
-            from diffaudit.attacks.mia_shards import run_mia_shards
+            from diffaudit.scale.dispatch import ShardOptions, run_sharded
+            from diffaudit.scale.engines import mia_stage
 
-            if resume:
-                raise ConfigError("--resume with shards: finished shards are skipped anyway; drop --resume")
-            done = run_mia_shards(request, out, shard, shards, engine, address, cpus_per_task)
-            if "folder" in done:
-                spec = done["spec"]
-                err.print(f"shard {spec.label} in {done['folder']}; when all {spec.count} are done: diffaudit merge")
+            request.validate()
+            sharding = ShardOptions(shard, shards, engine, address, cpus_per_task)
+            done = run_sharded(mia_stage(), request, out, sharding, resume=resume)
+            if done.folder is not None:
+                spec = done.spec
+                err.print(f"shard {spec.label} in {done.folder}; when all {spec.count} are done: diffaudit merge")
                 return
-            results = done["summary"]["results"]
+            results = done.summary["results"]
         else:
             results = run_mia_audit(request, out, resume=resume)
         for name, r in results["attacks"].items():

@@ -26,7 +26,6 @@ generation folders into ``RUN/repeat-<r>/``, writes ``metrics.jsonl`` in run ord
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -40,38 +39,30 @@ KIND = "loop"
 SHARD_UNIT = "arm-repeat pairs"
 ROWS_FILE = "rows.jsonl"
 REQUEST_FILE = "request.json"
-_TUPLES = ("holdout_classes", "overrides", "arms")
 
 
-def request_to_dict(request: Any) -> dict[str, Any]:
-    """A :class:`~diffaudit.loop.request.LoopRequest` as JSON-ready data."""
-    from diffaudit.io import to_jsonable
+def _stored(request: Any) -> dict[str, Any]:
+    from diffaudit.scale.shards import request_to_dict
 
-    return to_jsonable(dataclasses.asdict(request))
+    return request_to_dict(request)
 
 
-def request_from_dict(data: dict[str, Any]) -> Any:
-    """The inverse of :func:`request_to_dict` (a ConfigError names a damaged field)."""
+def _restored(data: dict[str, Any]) -> Any:
     from diffaudit.loop.request import LoopRequest
+    from diffaudit.scale.shards import request_from_dict
 
-    try:
-        fields = dict(data)
-        for key in _TUPLES:
-            if fields.get(key) is not None:
-                fields[key] = tuple(fields[key])
-        return LoopRequest(**fields)
-    except TypeError as exc:
-        raise ConfigError(f"{REQUEST_FILE}: not a loop request ({exc})") from exc
+    return request_from_dict(LoopRequest, data, REQUEST_FILE)
 
 
 def shard_config_hash(request: Any) -> str:
-    """The hash every shard of one loop run shares: the whole request."""
-    from diffaudit.scale.shards import config_hash
+    """The hash every shard of one run shares: the whole request."""
+    from diffaudit.scale.shards import request_hash
 
-    return config_hash(request_to_dict(request))
+    return request_hash(request)
 
 
-def _check(request: Any) -> None:
+def check_shardable(request: Any) -> None:
+    """Refuse, before anything is written, a loop request that cannot be split into shards."""
     request.validate()
     if request.tag_and_scrub:
         # The tagger records inherited-tag rates across the whole run (safeguard.json); shards would split it.
@@ -113,7 +104,7 @@ def loop_shard(request: Any, run_dir: str | os.PathLike[str], spec: Any, show_pr
     from diffaudit.progress import progress_bar
     from diffaudit.scale.shards import commit_shard, finished_shard, work_record
 
-    _check(request)
+    check_shardable(request)
     chash = shard_config_hash(request)
     done = finished_shard(run_dir, spec, KIND, chash)
     if done is not None:
@@ -136,7 +127,7 @@ def loop_shard(request: Any, run_dir: str | os.PathLike[str], spec: Any, show_pr
 
             run_units(exp, prep, folder, units, on_row)
         atomic_write_text(folder / ROWS_FILE, "".join(json.dumps(to_jsonable(r)) + "\n" for r in rows))
-        atomic_write_json(folder / REQUEST_FILE, request_to_dict(request))
+        atomic_write_json(folder / REQUEST_FILE, _stored(request))
         atomic_write_json(folder / "config.json", prep.config_doc)
         return {"device": describe_device(resolve_device(None))}
 
@@ -186,8 +177,8 @@ def merge_loop_shards(run: Any, shards: list[Any]) -> dict[str, Any]:
     from diffaudit.io import atomic_write_text, read_json, read_jsonl, to_jsonable
     from diffaudit.loop.experiment import finish, work_items
 
-    request = request_from_dict(read_json(shards[0].path / REQUEST_FILE, "loop shard request", ConfigError))
-    _check(request)
+    request = _restored(read_json(shards[0].path / REQUEST_FILE, "loop shard request", ConfigError))
+    check_shardable(request)
     exp, prep = _open(request)
     items = work_items(exp)
     if len(items) != int(shards[0].manifest["work"]["total"]):
@@ -224,37 +215,3 @@ def merge_loop_shards(run: Any, shards: list[Any]) -> dict[str, Any]:
     atomic_write_text(run.file("metrics.jsonl"), "".join(json.dumps(to_jsonable(r)) + "\n" for r in rows))
     summary = finish(exp, prep, run, plots=True)
     return {"summary": summary, "pairs": len(items)}
-
-
-def run_loop_shards(
-    request: Any,
-    out: str | os.PathLike[str],
-    shard: str | None = None,
-    shards: int = 0,
-    engine: str = "local",
-    address: str | None = None,
-    cpus_per_task: float = 1.0,
-    show_progress: bool = True,
-) -> dict[str, Any]:
-    """``diffaudit loop --shard i/n|auto`` (one shard in this process: returns ``{"spec", "folder"}``) or
-    ``--shards N --engine local|ray`` (every shard, then merged: returns ``{"summary"}``, the merge's summary with
-    ``ran`` / ``skipped`` counts). Bad options raise ConfigError before anything is written."""
-    from diffaudit.scale.engines import ENGINES, loop_stage, run_stage
-    from diffaudit.scale.shards import parse_shard
-
-    _check(request)
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    if shard is not None:
-        if shards or engine != "local":
-            raise ConfigError("--shard i/n runs one shard in this process; use --shards N --engine E to run them all")
-        spec = parse_shard(shard)
-        if spec is None:
-            raise ConfigError("--shard '': expected i/n (e.g. 0/4; shards are numbered from 0) or auto")
-        return {"spec": spec, "folder": loop_shard(request, out, spec, show_progress)}
-    count = shards or (max(1, os.cpu_count() or 1) if engine == "ray" else 1)
-    summary = run_stage(
-        loop_stage(), request, out, count, engine=engine, address=address, num_cpus=cpus_per_task,
-        show_progress=show_progress,
-    )  # fmt: skip
-    return {"summary": summary}

@@ -234,3 +234,34 @@ def commit_shard(
 def work_record(unit: str, start: int, stop: int, total: int, **keys: Any) -> dict[str, Any]:
     """The ``work`` entry of a shard manifest: which items of which list it covers (plus readable keys)."""
     return {"unit": unit, "start": int(start), "stop": int(stop), "total": int(total), **to_jsonable(keys)}
+
+
+def request_to_dict(request: Any) -> dict[str, Any]:
+    """A frozen request dataclass (LoopRequest, MiaRequest, ...) as JSON-ready data, stored in every shard."""
+    import dataclasses
+
+    return to_jsonable(dataclasses.asdict(request))
+
+
+def request_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
+    """The inverse of :func:`request_to_dict`: JSON lists back to the tuples the dataclass declares.
+
+    Raises a ConfigError naming ``what`` when the stored fields do not fit ``cls`` (a damaged shard).
+    """
+    import dataclasses
+
+    from diffaudit.errors import ConfigError
+
+    try:
+        fields = dict(data)
+        for f in dataclasses.fields(cls):
+            if isinstance(fields.get(f.name), list) and "tuple" in str(f.type):
+                fields[f.name] = tuple(fields[f.name])
+        return cls(**fields)
+    except TypeError as exc:
+        raise ConfigError(f"{what}: not a stored {cls.__name__} ({exc})") from exc
+
+
+def request_hash(request: Any) -> str:
+    """The hash every shard of one run shares: the whole request."""
+    return config_hash(request_to_dict(request))
