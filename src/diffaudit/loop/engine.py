@@ -34,7 +34,7 @@ import numpy as np
 
 from diffaudit.data.grid import save_grid
 from diffaudit.data.imageset import ImageSet
-from diffaudit.io import atomic_write_json
+from diffaudit.io import atomic_write_json, crash_point
 from diffaudit.loop.config import (
     BASE_ARM,
     GAUSSIAN,
@@ -251,7 +251,9 @@ def run_persisted(
         shutil.rmtree(final)  # complete directories always hold row.json; anything else is debris
     partial.mkdir(parents=True)
     compute(partial)
+    crash_point("loop:generation-built")  # crash tests: killed with a complete but unrenamed generation
     os.replace(partial, final)
+    crash_point("loop:generation-renamed")  # ... or renamed but not yet logged
     return load_generation(final, models, conditions)
 
 
