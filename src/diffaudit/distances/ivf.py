@@ -348,8 +348,7 @@ class IvfIndex:
         rj = cand[qi, slot]
         # Exact pass over the shortlisted pairs only. Reference rows are read in sorted order (a memory map reads
         # each page once) and scattered back.
-        order = np.argsort(rj, kind="stable")
-        rows = np.unique(rj[order])
+        rows = np.unique(rj)
         ref_rows = load(self.reference, rows, geom, "reference")
         pos = np.searchsorted(rows, rj)
         q_rows = load(q, slice(None), geom, "queries")
