@@ -55,7 +55,7 @@ from diffaudit.metrics.distribution import fid, precision_recall
 
 COPY_COUNTS = (2, 4, 8, 16, 32)
 TRAINED = ("none", "dedup", "dedup-epochs", "condrand", "dp")
-ARMS = (*TRAINED, "wen", "amg")
+ARMS = (*TRAINED, "wen", "amg", "amg-margin2")
 CAPTIONS = tuple(f"caption {i}" for i in range(10))
 
 
@@ -199,7 +199,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
     from diffaudit.guards.mitigations import AMGConfig, WenConfig, sample_amg, sample_wen
 
     pool, members = faces(args.seed)
-    base = "none" if arm in ("wen", "amg") else arm
+    base = "none" if arm in ("wen", "amg", "amg-margin2") else arm
     data, table, mitigation_s = train_set(pool, members, base, args.seed)
     gen, train_s = trained_model(base, "target", data, args)
     member_set = pool.subset(members)
@@ -218,10 +218,12 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
         mitigation_s = rec["seconds"]
         row |= {"wen_target": cfg.target, "wen_gap_before_mean": float(np.mean(rec["gap_before"]))}
         row |= {"wen_gap_after_mean": float(np.mean(rec["gap_after"])), "wen_reached": rec["reached"]}
-    elif arm == "amg":
+    elif arm.startswith("amg"):
+        # margin 1 pushes a copy exactly to the threshold; margin 2 pushes it twice as far (triggered at 0.15).
+        margin = 2.0 if arm == "amg-margin2" else 1.0
         index = TrainingIndex(images=member_set.images, labels=member_set.labels, ids=member_set.ids)
-        gens, rec = sample_amg(gen, labels, seeds, index, AMGConfig(threshold=0.15), **kw)
-        row |= {"amg_threshold": 0.15, "amg_pushed_steps": rec["pushes"]}
+        gens, rec = sample_amg(gen, labels, seeds, index, AMGConfig(threshold=0.15, margin=margin), **kw)
+        row |= {"amg_threshold": 0.15, "amg_margin": margin, "amg_pushed_steps": rec["pushes"]}
     else:
         gens = gen.sample(labels, seeds, **kw)
     sample_s = time.perf_counter() - start - (mitigation_s if arm == "wen" else 0.0)
@@ -229,7 +231,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict[str, Any]:
     np.savez_compressed(args.out / "arms" / f"{arm}-samples.npz", images=gens.images, labels=gens.labels)
     row |= extraction(gens, member_set, pool.subset(~members), table, args)
     row |= membership(base, gen, pool, members, args)
-    if arm in ("wen", "amg"):
+    if base != arm:
         row["membership_note"] = "same weights as none: a loss attack cannot see a sampling-time mitigation"
     row |= quality(gens, pool)
     row |= {
