@@ -14,7 +14,8 @@ Arms (each a training or sampling option of the library):
 * ``condrand``: ``train.cond_random_prob`` (Somepalli et al. 2023);
 * ``dp``: ``train.dp_epsilon`` (DP-SGD, Opacus accounting);
 * ``wen``: Wen et al.'s inference-time mitigation on the ``none`` model (``guards.mitigations.sample_wen``);
-* ``amg``: anti-memorization guidance on the ``none`` model against an index of its training faces.
+* ``amg``: anti-memorization guidance on the ``none`` model against an index of its training faces;
+* ``amg-margin2``: the same, pushing a near-copy to twice the trigger distance.
 
 Per arm: extraction over ``--per-label`` generations of each caption (Carlini's cliques, the adaptive ratio,
 generations within delta 0.15 of a member, canaries reproduced); LiRA online with two shadow models trained on
