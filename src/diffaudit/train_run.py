@@ -20,7 +20,16 @@ from diffaudit.config import Preset
 from diffaudit.errors import ConfigError
 
 #: ``--set`` keys a pipeline fine-tune accepts (fields of PipelineTrainConfig, plus steps/seed/resolution).
-PIPELINE_KEYS = ("learning_rate", "batch_size", "lora_rank", "cond_drop_prob", "grad_clip", "seed", "resolution")
+PIPELINE_KEYS = (
+    "learning_rate",
+    "batch_size",
+    "lora_rank",
+    "cond_drop_prob",
+    "cond_random_prob",
+    "grad_clip",
+    "seed",
+    "resolution",
+)
 
 
 def run_train(
