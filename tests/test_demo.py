@@ -29,6 +29,6 @@ def test_quick_demo_end_to_end_and_rerun_skips(tmp_path):
 
 @pytest.mark.slow
 def test_full_demo(tmp_path):
-    """The default demo (about 10 minutes on 2 cores)."""
+    """The default demo (about 10-18 minutes on 2 cores)."""
     report = run_demo(tmp_path / "demo", quick=False, log=lambda msg: None)
     assert report.exists()

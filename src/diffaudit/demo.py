@@ -61,7 +61,7 @@ def _train(name: str, preset: str, overrides: tuple[str, ...], steps: int, grid_
 
 
 def stages(quick: bool) -> list[Stage]:
-    """The demo's stages, sized for ``quick`` (tests) or the default (about 10 minutes on 2 cores)."""
+    """The demo's stages, sized for ``quick`` (tests) or the default (about 10-18 minutes on 2 cores)."""
     from diffaudit.config import SampleConfig
 
     q = quick

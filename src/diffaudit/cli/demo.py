@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("runs/demo"), help="directory for every stage's run and report.html"),
         quick: bool = typer.Option(False, "--quick", help="tiny models, about a minute; numbers are meaningless"),
     ) -> None:
-        """Run the whole audit on built-in data (about 10 minutes on 2 CPU cores) and write OUT/report.html.
+        """Run the whole audit on built-in data (about 10-18 minutes on 2 CPU cores) and write OUT/report.html.
 
         Running it again with the same OUT skips finished stages and resumes an interrupted one.
         """
