@@ -24,16 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from diffaudit.errors import ConfigError
+from diffaudit.scale.shards import request_hash as shard_config_hash
+from diffaudit.scale.shards import request_to_dict
 
 KIND = "mia"
 SHARD_UNIT = "models"
 REQUEST_FILE = "request.json"
-
-
-def _stored(request: Any) -> dict[str, Any]:
-    from diffaudit.scale.shards import request_to_dict
-
-    return request_to_dict(request)
 
 
 def _restored(data: dict[str, Any]) -> Any:
@@ -41,13 +37,6 @@ def _restored(data: dict[str, Any]) -> Any:
     from diffaudit.scale.shards import request_from_dict
 
     return request_from_dict(MiaRequest, data, REQUEST_FILE)
-
-
-def shard_config_hash(request: Any) -> str:
-    """The hash every shard of one run shares: the whole request."""
-    from diffaudit.scale.shards import request_hash
-
-    return request_hash(request)
 
 
 def model_indices(mcfg: Any, setup: Any) -> list[int]:
@@ -90,7 +79,7 @@ def mia_shard(request: Any, run_dir: str | os.PathLike[str], spec: Any, show_pro
         t0, trained = time.perf_counter(), {}
         for index in items[start:stop]:
             _, trained[shard_name(index)] = run_shard(mcfg, setup, index, folder / "models", show_progress)
-        atomic_write_json(folder / REQUEST_FILE, _stored(request))
+        atomic_write_json(folder / REQUEST_FILE, request_to_dict(request))
         atomic_write_json(folder / "config.json", resolved)
         seconds = time.perf_counter() - t0
         return {"trained": trained, "seconds": seconds, "device": describe_device(resolve_device(None))}

@@ -12,7 +12,6 @@ calibration: images are compared by content id, so a re-saved copy counts as the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -34,18 +33,16 @@ def calibrate_scores(real_scores: np.ndarray, target_fpr: float) -> tuple[float,
     """
     if not 0.0 < target_fpr < 1.0:
         raise ConfigError(f"target false-removal rate must be in (0, 1); got {target_fpr!r}")
-    s = np.sort(np.asarray(real_scores, dtype=np.float64).reshape(-1))[::-1]
+    s = np.asarray(real_scores, dtype=np.float64).reshape(-1)
     if not np.isfinite(s).all():
         raise DataError("detector scores of the calibration images contain NaN or infinity")
-    k = math.floor(target_fpr * (s.size + 1) + 1e-9)
-    if k < 1:
-        needed = math.ceil(1.0 / target_fpr - 1e-9) - 1
-        raise DataError(
-            f"calibrating a false-removal rate of {target_fpr} needs at least {needed} held-out real images; "
-            f"got {s.size} (give more real images to calibrate on, or a larger target rate)"
-        )
-    threshold = float(s[k - 1])
-    return threshold, float((s > threshold).mean())
+    # The copy filter's split-conformal rule on negated scores: flagging s > T is blocking -s < -T.
+    from diffaudit.guards.index import calibrate_threshold
+
+    neg, rate = calibrate_threshold(
+        -s, target_fpr, "false-removal", "give more real images to calibrate on, or a larger target rate"
+    )
+    return -neg + 0.0, rate  # + 0.0 turns a -0.0 threshold into 0.0
 
 
 def check_disjoint(test_ids: Iterable[str], seen: dict[str, Iterable[str]], what: str = "test images") -> None:

@@ -67,7 +67,12 @@ KEY_DELTA = "delta"
 KEY_HOLDOUT_QUANTILES = "holdout_distance_quantiles"
 
 
-def calibrate_threshold(holdout_distances: np.ndarray, target_fpr: float) -> tuple[float, float]:
+def calibrate_threshold(
+    holdout_distances: np.ndarray,
+    target_fpr: float,
+    what: str = "false-block",
+    hint: str = "use a larger --holdout-fraction, a --holdout source, or a larger --calibrate-fpr",
+) -> tuple[float, float]:
     """Threshold ``T`` with expected false-block rate at most ``target_fpr``, and the rate on the held-out set.
 
     ``holdout_distances`` are ``(M,)`` nearest-training-image distances of real images that are not in the
@@ -79,14 +84,14 @@ def calibrate_threshold(holdout_distances: np.ndarray, target_fpr: float) -> tup
     The second value is the share of held-out distances below ``T`` (``(k - 1) / M`` without ties).
     """
     if not 0.0 < target_fpr < 1.0:
-        raise ConfigError(f"target false-block rate must be in (0, 1); got {target_fpr!r}")
+        raise ConfigError(f"target {what} rate must be in (0, 1); got {target_fpr!r}")
     d = np.sort(np.asarray(holdout_distances, dtype=np.float64).reshape(-1))
     k = math.floor(target_fpr * (d.size + 1) + 1e-9)
     if k < 1:
         needed = math.ceil(1.0 / target_fpr - 1e-9) - 1
         raise DataError(
-            f"calibrating a false-block rate of {target_fpr} needs at least {needed} held-out real images; got "
-            f"{d.size} (use a larger --holdout-fraction, a --holdout source, or a larger --calibrate-fpr)"
+            f"calibrating a {what} rate of {target_fpr} needs at least {needed} held-out real images; got "
+            f"{d.size} ({hint})"
         )
     threshold = float(d[k - 1])
     return threshold, float((d < threshold).mean())

@@ -34,6 +34,8 @@ from typing import Any
 
 from diffaudit.errors import ConfigError
 from diffaudit.loop.config import KEY_ARM, KEY_GENERATION, KEY_REPEAT, ROW_FILE
+from diffaudit.scale.shards import request_hash as shard_config_hash
+from diffaudit.scale.shards import request_to_dict
 
 KIND = "loop"
 SHARD_UNIT = "arm-repeat pairs"
@@ -41,24 +43,11 @@ ROWS_FILE = "rows.jsonl"
 REQUEST_FILE = "request.json"
 
 
-def _stored(request: Any) -> dict[str, Any]:
-    from diffaudit.scale.shards import request_to_dict
-
-    return request_to_dict(request)
-
-
 def _restored(data: dict[str, Any]) -> Any:
     from diffaudit.loop.request import LoopRequest
     from diffaudit.scale.shards import request_from_dict
 
     return request_from_dict(LoopRequest, data, REQUEST_FILE)
-
-
-def shard_config_hash(request: Any) -> str:
-    """The hash every shard of one run shares: the whole request."""
-    from diffaudit.scale.shards import request_hash
-
-    return request_hash(request)
 
 
 def check_shardable(request: Any) -> None:
@@ -127,7 +116,7 @@ def loop_shard(request: Any, run_dir: str | os.PathLike[str], spec: Any, show_pr
 
             run_units(exp, prep, folder, units, on_row)
         atomic_write_text(folder / ROWS_FILE, "".join(json.dumps(to_jsonable(r)) + "\n" for r in rows))
-        atomic_write_json(folder / REQUEST_FILE, _stored(request))
+        atomic_write_json(folder / REQUEST_FILE, request_to_dict(request))
         atomic_write_json(folder / "config.json", prep.config_doc)
         return {"device": describe_device(resolve_device(None))}
 
