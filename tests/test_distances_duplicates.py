@@ -65,6 +65,24 @@ def test_knn_with_many_duplicates_is_brute_force_for_every_block(dtype: str, met
         np.testing.assert_allclose(dist, want_d, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "float"])
+def test_knn_switching_from_dense_to_group_blocks_is_brute_force(dtype: str) -> None:
+    # k = 8 compares blocks whole while k >= 2% of the rows seen (the first 400), then by group minima: both
+    # paths, and the hand-over between them, must keep every copy that ties with the k-th nearest.
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, (300, 1, 4, 4), dtype=np.uint8)
+    ref = np.concatenate([base, np.repeat(base[:4], 60, axis=0)])[rng.permutation(540)]
+    q = np.concatenate([base[:6], base[:3] ^ np.uint8(1), rng.integers(0, 256, (5, 1, 4, 4), dtype=np.uint8)])
+    if dtype == "float":
+        q, ref = q.astype(np.float32) / 255, ref.astype(np.float32) / 255
+    for k in (8, 12, 70):
+        want_d, want_i = _want(q, ref, k, "l2")
+        for bq, br in [(4, 32), (14, 100), (1000, 1000)]:
+            dist, idx = D.nearest_neighbors(q, ref, k=k, block_q=bq, block_r=br)
+            np.testing.assert_array_equal(idx, want_i, err_msg=f"k={k} blocks {bq}x{br}")
+            np.testing.assert_allclose(dist, want_d, rtol=1e-6, atol=0)
+
+
 def test_features_with_many_duplicates_and_exclude_self() -> None:
     rng = np.random.default_rng(1)
     x = rng.normal(size=(25, 3)).astype(np.float32)
