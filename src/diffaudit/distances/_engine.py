@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from diffaudit.distances._parallel import ThreadScratch
 from diffaudit.errors import ConfigError, DataError
 
 METRICS = ("l2", "tiled", "euclidean")
@@ -342,12 +343,14 @@ class RefBlocks:
         width = geom.tile_dim + 2
         self.cached = len(ref) * geom.tiles * width * 4 <= cache_bytes
         rows = len(ref) if self.cached else min(block, len(ref))
-        self._buf = torch.empty((geom.tiles, rows, width), dtype=torch.float32, device=geom.device)
+        # Streamed blocks are converted into a buffer of the iterating thread (query blocks run in parallel).
+        self._buf = ThreadScratch(
+            lambda: torch.empty((geom.tiles, rows, width), dtype=torch.float32, device=geom.device)
+        )
         self._blocks: list[tuple[int, Operand]] | None = None
         if self.cached:
-            self._blocks = [
-                (j0, make_operand(rb, geom, center, "ref", self._buf[:, j0:])) for j0, rb in self._raw_blocks()
-            ]
+            buf = self._buf.get()
+            self._blocks = [(j0, make_operand(rb, geom, center, "ref", buf[:, j0:])) for j0, rb in self._raw_blocks()]
 
     def _raw_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
         for j0 in range(0, len(self._ref), self._block):
@@ -362,4 +365,5 @@ class RefBlocks:
     def __iter__(self) -> Iterator[tuple[int, Operand]]:
         if self._blocks is not None:
             return iter(self._blocks)
-        return ((j0, make_operand(rb, self._geom, self._center, "ref", self._buf)) for j0, rb in self._raw_blocks())
+        buf = self._buf.get()
+        return ((j0, make_operand(rb, self._geom, self._center, "ref", buf)) for j0, rb in self._raw_blocks())

@@ -32,6 +32,7 @@ from diffaudit.distances._engine import (
     product_buffer,
     rel_tol,
 )
+from diffaudit.distances._parallel import ThreadScratch, balanced_block, run_blocks
 
 # Reference rows per group of the two-level selection. The fast product is laid out reference-major (br, bq),
 # so the minimum over a group of 16 reference rows is an elementwise minimum of contiguous rows: one cheap
@@ -315,22 +316,29 @@ def knn_sq(
     """Exact raw squared distances (Nq, k) float64 and indices (Nq, k) int64 of the k nearest ref rows."""
     bq_max, br = plan_blocks(geom, block_q, block_r)
     dev = geom.device
+    bq = balanced_block(len(query), bq_max, dev)
     center = center_of(ref, geom, min(br, len(ref)))
     refs = RefBlocks(ref, geom, center, br, cache_bytes)
     tol = rel_tol(dev)
     width = geom.tile_dim + 2
-    qbuf = torch.empty((geom.tiles, min(bq_max, len(query)), width), dtype=torch.float32, device=dev)
-    pbuf = product_buffer(geom, qbuf.shape[1], min(br, len(ref)))
+    scratch = ThreadScratch(
+        lambda: (
+            torch.empty((geom.tiles, min(bq, len(query)), width), dtype=torch.float32, device=dev),
+            product_buffer(geom, min(bq, len(query)), min(br, len(ref))),
+        )
+    )
     # Candidates per query before an early exact prune: room for the k plus a block's worth of near-ties.
     cap = 2 * k + 64
     out_sq = torch.empty((len(query), k), dtype=torch.float64, device=dev)
     out_idx = torch.empty((len(query), k), dtype=torch.int64, device=dev)
-    for i0 in range(0, len(query), bq_max):
-        qb = load(query, slice(i0, i0 + bq_max), geom, "query")
+
+    def query_block(i0: int) -> None:
+        qbuf, pbuf = scratch.get()
+        qb = load(query, slice(i0, i0 + bq), geom, "query")
         b = len(qb)
         q = make_operand(qb, geom, center, "query", qbuf)
 
-        def exact(qi: torch.Tensor, rj: torch.Tensor, i0: int = i0) -> torch.Tensor:
+        def exact(qi: torch.Tensor, rj: torch.Tensor) -> torch.Tensor:
             return exact_pairs(query, qi + i0, ref, rj, geom)
 
         cands = _Candidates(b, k, dev, exact)
@@ -377,4 +385,6 @@ def knn_sq(
         cands.prune(bound.tau)
         cands.compact(cap)
         out_sq[i0 : i0 + b], out_idx[i0 : i0 + b] = cands.result()
+
+    run_blocks(list(range(0, len(query), bq)), query_block, dev)
     return out_sq, out_idx

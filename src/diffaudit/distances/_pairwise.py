@@ -21,6 +21,7 @@ from diffaudit.distances._engine import (
     rel_tol,
 )
 from diffaudit.distances._knn import select_le
+from diffaudit.distances._parallel import ThreadScratch, balanced_block, run_blocks
 
 
 def pairwise_matrix(
@@ -33,17 +34,27 @@ def pairwise_matrix(
     """
     bq, br = plan_blocks(geom, block, block)
     symmetric = x is y
-    if symmetric:
-        bq = br = min(bq, br)  # aligned blocks, so a block and its mirror image cover the same pairs
     dev = geom.device
+    if symmetric:
+        # Aligned blocks, so a block and its mirror image cover the same pairs; more blocks than workers,
+        # because the rows of the upper triangle hold unequal work.
+        bq = br = balanced_block(len(x), min(bq, br), dev, blocks_per_worker=2)
+    else:
+        bq = balanced_block(len(x), bq, dev)
     center = center_of(y, geom, min(br, len(y)))
     refs = RefBlocks(y, geom, center, br, cache_bytes)
     tol = rel_tol(dev)
-    qbuf = torch.empty((geom.tiles, min(bq, len(x)), geom.tile_dim + 2), dtype=torch.float32, device=dev)
-    pbuf = product_buffer(geom, qbuf.shape[1], min(br, len(y)))
+    scratch = ThreadScratch(
+        lambda: (
+            torch.empty((geom.tiles, min(bq, len(x)), geom.tile_dim + 2), dtype=torch.float32, device=dev),
+            product_buffer(geom, min(bq, len(x)), min(br, len(y))),
+        )
+    )
     out = np.empty((len(x), len(y)), dtype=np.float32)
     thr_raw = float(recompute_below) ** 2 / geom.scale
-    for i0 in range(0, len(x), bq):
+
+    def query_block(i0: int) -> None:
+        qbuf, pbuf = scratch.get()
         same = refs.cached_block(i0) if symmetric else None
         if same is not None:
             q = query_from_ref(same, geom, qbuf)
@@ -72,6 +83,8 @@ def pairwise_matrix(
             out[i0 : i0 + b, j0 : j0 + m] = block_np.T
             if symmetric and j0 > i0:
                 out[j0 : j0 + m, i0 : i0 + b] = block_np
+
+    run_blocks(list(range(0, len(x), bq)), query_block, dev)
     return out
 
 
@@ -87,15 +100,22 @@ def count_within(
     """int64 (Nq,): ref rows j with exact distance < ``radii64[j]`` (metric units); undecided pairs are exact."""
     bq, br = plan_blocks(geom, block_q, block_r)
     dev = geom.device
+    bq = balanced_block(len(query), bq, dev)
     radii64 = radii64.to(dev)
     radii_sq = radii64 * radii64 / geom.scale  # raw units, float64
     center = center_of(ref, geom, min(br, len(ref)))
     refs = RefBlocks(ref, geom, center, br, cache_bytes)
     tol = rel_tol(dev)
-    qbuf = torch.empty((geom.tiles, min(bq, len(query)), geom.tile_dim + 2), dtype=torch.float32, device=dev)
-    pbuf = product_buffer(geom, qbuf.shape[1], min(br, len(ref)))
+    scratch = ThreadScratch(
+        lambda: (
+            torch.empty((geom.tiles, min(bq, len(query)), geom.tile_dim + 2), dtype=torch.float32, device=dev),
+            product_buffer(geom, min(bq, len(query)), min(br, len(ref))),
+        )
+    )
     counts = torch.zeros(len(query), dtype=torch.int64, device=dev)
-    for i0 in range(0, len(query), bq):
+
+    def query_block(i0: int) -> None:
+        qbuf, pbuf = scratch.get()
         qb = load(query, slice(i0, i0 + bq), geom, "query")
         q = make_operand(qb, geom, center, "query", qbuf)
         qmax = float(q.norm.max())
@@ -114,5 +134,7 @@ def count_within(
                 # The same formula as knn_radii, so a pair exactly at a k-NN radius is consistently outside.
                 inside = (e * geom.scale).sqrt_() < radii64[j0 + rj]
                 c.index_add_(0, qi[inside], torch.ones(int(inside.sum()), dtype=c.dtype, device=dev))
-            counts[i0 : i0 + sq.shape[1]] += c
+            counts[i0 : i0 + sq.shape[1]] += c  # this block's rows only: no other thread writes them
+
+    run_blocks(list(range(0, len(query), bq)), query_block, dev)
     return counts.cpu().numpy()

@@ -1,0 +1,82 @@
+"""Query blocks in parallel on the CPU (internal).
+
+Every blocked distance function is a loop over independent blocks of query rows. torch parallelises each
+operation inside a block across its intra-op threads, which pays off for the matmul but not for the many
+small selection and bookkeeping operations around it: with 2 threads the matmul ran 2.4x faster and the rest
+not at all, so the engine fell behind a plain matmul + min (measured, ``docs/benchmarks_distances.md``). Here
+the blocks themselves run on ``torch.get_num_threads()`` Python threads, each issuing single-threaded torch
+operations (they release the GIL), so everything in a block scales with the cores.
+
+Workers share the inputs, the converted reference set and the output arrays (each writes only its own rows);
+scratch buffers are per thread (:class:`ThreadScratch`).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+
+def workers_for(device: torch.device, n_blocks: int) -> int:
+    """How many threads run query blocks: 1 on CUDA (one stream does it) or with one block or one thread."""
+    if device.type != "cpu" or n_blocks < 2:
+        return 1
+    return max(1, min(torch.get_num_threads(), n_blocks))
+
+
+# Fewest query rows per block worth a thread of its own (below this, thread start-up outweighs the work).
+_MIN_ROWS_PER_BLOCK = 64
+
+
+def balanced_block(n: int, block: int, device: torch.device, blocks_per_worker: int = 1) -> int:
+    """A query block size at most ``block`` that splits ``n`` rows into a multiple of the worker count.
+
+    Five blocks on two workers leave one worker idle for a fifth of the time; six smaller ones do not.
+    ``blocks_per_worker`` > 1 evens out blocks of unequal work (the triangle of a symmetric matrix).
+    """
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    per = threads * blocks_per_worker
+    if threads < 2 or n < per * _MIN_ROWS_PER_BLOCK:
+        return block
+    n_blocks = math.ceil(math.ceil(n / block) / per) * per
+    return max(1, math.ceil(n / n_blocks))
+
+
+def run_blocks(starts: list[int], work: Callable[[int], Any], device: torch.device) -> None:
+    """Call ``work(start)`` for every query block start, on parallel threads where :func:`workers_for` allows.
+
+    While the threads run, torch's intra-op thread count is 1 (restored after): the parallelism is across
+    blocks, and nested intra-op threads would oversubscribe the cores. An exception in any block is raised
+    here after the running blocks finish.
+    """
+    workers = workers_for(device, len(starts))
+    if workers < 2:
+        for s in starts:
+            work(s)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffaudit-dist") as pool:
+            for _ in pool.map(work, starts):  # in order; re-raises the first failure
+                pass
+    finally:
+        torch.set_num_threads(threads)
+
+
+class ThreadScratch:
+    """Scratch tensors made once per thread by ``make()`` (a fresh allocation per block costs page faults)."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._local = threading.local()
+
+    def get(self) -> Any:
+        if not hasattr(self._local, "value"):
+            self._local.value = self._make()
+        return self._local.value
