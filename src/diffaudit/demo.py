@@ -142,8 +142,11 @@ def stages(quick: bool) -> list[Stage]:
         return run_guard_check(out / "guard", out / "sample-digits", out / "guard" / "decisions.json")
 
     return [
-        Stage("train-digits", "train-digits", _train("train-digits", "digits-8", digits_overrides,
-                                                      30 if q else 600, 20 if q else 100)),  # fmt: skip
+        Stage(
+            "train-digits",
+            "train-digits",
+            _train("train-digits", "digits-8", digits_overrides, 30 if q else 600, 20 if q else 100),
+        ),  # fmt: skip
         Stage("sample-digits", "sample-digits", sample, resumable=False),
         Stage(
             "loop",
@@ -169,8 +172,11 @@ def stages(quick: bool) -> list[Stage]:
                 tag_amplitude=48.0,
             ),
         ),
-        Stage("train-faces", "train-faces", _train("train-faces", "faces-32", faces_overrides,
-                                                    10 if q else 1500, 10 if q else 100)),  # fmt: skip
+        Stage(
+            "train-faces",
+            "train-faces",
+            _train("train-faces", "faces-32", faces_overrides, 10 if q else 1500, 10 if q else 100),
+        ),  # fmt: skip
         Stage("extract-faces", "extract-faces", extract),
         Stage("mia", "mia", mia),
         Stage("guard", "guard", guard, resumable=False),

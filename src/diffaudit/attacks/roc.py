@@ -107,7 +107,6 @@ def plot_roc(
 
     plt = pyplot()
 
-
     nonzero = [f[f > 0].min() for f, _ in curves.values() if (f > 0).any()]
     floor = fpr_floor if fpr_floor is not None else (min(nonzero) / 2 if nonzero else 1e-3)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
