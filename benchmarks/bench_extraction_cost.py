@@ -13,6 +13,7 @@ one that tells how many GPU-hours a paper-scale audit needs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -25,6 +26,8 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="training set source (default: the train run's own)")
     ap.add_argument("--labels", default="all")
     ap.add_argument("--per-label", type=int, default=500)
+    ap.add_argument("--sampler", default=None, help="sampler (default: the sample command's)")
+    ap.add_argument("--num-steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = ap.parse_args()
@@ -34,12 +37,20 @@ def main() -> None:
     from diffaudit.attacks import extraction as ex
     from diffaudit.attacks.extraction_data import open_audit
     from diffaudit.attacks.extraction_run import ExtractConfig, scan_labels
+    from diffaudit.config import SampleConfig
     from diffaudit.generators.select import per_condition_seeds
     from diffaudit.metrics import memorization as mem
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = ExtractConfig(model=args.model, data=args.data, labels=args.labels, per_label=args.per_label)
+    sample = SampleConfig()
+    if args.sampler:
+        sample = dataclasses.replace(sample, sampler=args.sampler)
+    if args.num_steps:
+        sample = dataclasses.replace(sample, num_steps=args.num_steps)
+    config = ExtractConfig(
+        model=args.model, data=args.data, labels=args.labels, per_label=args.per_label, sample=sample
+    )
     audit = open_audit(config)
     gen, train = audit.generator, audit.train
     labels = scan_labels(config.labels, gen.conditions)
