@@ -86,3 +86,39 @@ def test_analytic_sample_run(tmp_path, capsys):
         ["sample", "--model", str(tmp_path / "g"), "--watermark", "sd-v1", "--out", str(tmp_path / "w")], capsys
     )
     assert code == 2 and "256" in text and not (tmp_path / "w").exists()
+
+
+def test_speed_flags_are_applied_recorded_and_checked(tmp_path, capsys):
+    pipe = save_tiny_pipeline(tmp_path / "pipe", TinyPipelineConfig(resolution=16, vae_channels=(4, 8)), seed=0)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    common = ["--model", str(pipe), "--prompts", str(prompts), "--num-images", "2", "--num-steps", "3"]
+    code, text = _run_sample([*common, "--out", str(tmp_path / "plain")])
+    assert code == 0, text
+    code, text = _run_sample([*common, "--channels-last", "--autocast", "bf16", "--out", str(tmp_path / "fast")])
+    assert code == 0, text
+    config = json.loads((tmp_path / "fast" / "config.json").read_text())
+    assert config["autocast"] == "bf16" and config["channels_last"] is True
+    assert config["sampling_speed"]["autocast_active"] is False  # CPU: recorded, not applied
+    assert "sampling_speed" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    plain = ImageSet.load(tmp_path / "plain" / "samples.npz").images.astype(np.int16)
+    fast = ImageSet.load(tmp_path / "fast" / "samples.npz").images.astype(np.int16)
+    assert np.abs(fast - plain).max() <= 1  # a memory layout, not another model
+    code, text = _main_exit(["sample", *common, "--autocast", "fp8", "--out", str(tmp_path / "bad")], capsys)
+    assert code == 2 and "autocast" in text and not (tmp_path / "bad").exists()
+
+
+def test_speed_options_refused_for_a_generator_without_a_denoising_network(monkeypatch):
+    # Every built-in family denoises; a user's own Generator implementation need not.
+    import diffaudit.generators.select as select
+    from diffaudit.errors import ConfigError
+    from diffaudit.sampling import SampleRunConfig, _open
+
+    class Plain:
+        def describe(self) -> dict:
+            return {"family": "plain"}
+
+    monkeypatch.setattr(select, "open_generator", lambda *a, **k: (Plain(), {}))
+    _open(SampleRunConfig(model="x"))  # no speed-ups asked: fine
+    with pytest.raises(ConfigError, match="denoising network"):
+        _open(SampleRunConfig(model="x", channels_last=True))

@@ -25,6 +25,10 @@ from diffaudit.data.imageset import ImageSet
 from diffaudit.errors import ConfigError
 from diffaudit.generators.base import Generator
 
+#: ``autocast`` values of :class:`SampleRunConfig` (those of ``generators.denoising.AUTOCAST_DTYPES``, which
+#: needs torch at import).
+AUTOCAST_CHOICES = ("none", "fp16", "bf16")
+
 SAMPLES_FILE = "samples.npz"
 GRID_FILE = "grid.png"
 GUARD_FILE = "guard.json"
@@ -69,6 +73,11 @@ class SampleRunConfig:
     guard_retries: int = 5
     watermark: str = "none"
     dtype: str = "auto"
+    #: Sampling speed-ups of denoising generators (:class:`~diffaudit.generators.denoising.SampleSpeed`): fp16 /
+    #: bf16 autocast of the network (CUDA only), channels-last memory format, ``torch.compile`` of the network.
+    autocast: str = "none"
+    channels_last: bool = False
+    compile: bool = False
 
     def validate(self) -> None:
         if self.num_images < 1 and self.num_per_condition < 1:
@@ -83,6 +92,14 @@ class SampleRunConfig:
             raise ConfigError(f"guard_retries must be >= 0, got {self.guard_retries}")
         if self.sample.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.sample.batch_size}")
+        if self.autocast not in AUTOCAST_CHOICES:
+            raise ConfigError(f"autocast must be one of {', '.join(AUTOCAST_CHOICES)}, got {self.autocast!r}")
+
+    @property
+    def speed_options(self) -> dict[str, Any]:
+        """The speed-ups asked for (empty: none, sampling stays bit for bit the plain path)."""
+        asked = {"autocast": self.autocast, "channels_last": self.channels_last, "compile": self.compile}
+        return {k: v for k, v in asked.items() if v not in ("none", False)}
 
 
 def plan_requests(
@@ -155,6 +172,15 @@ def _open(cfg: SampleRunConfig) -> tuple[Generator, dict[int, int]]:
     from diffaudit.generators.select import open_generator
 
     gen, first_seeds = open_generator(cfg.model, cfg.prompts, dtype=cfg.dtype)
+    if cfg.speed_options:
+        from diffaudit.generators.denoising import DenoisingGenerator
+
+        if not isinstance(gen, DenoisingGenerator):
+            raise ConfigError(
+                f"{cfg.model}: autocast, channels-last and compile speed up a denoising network; this "
+                f"{gen.describe().get('family', 'generator')} has none"
+            )
+        gen = gen.with_sample_speed(**cfg.speed_options)
     if cfg.watermark != "none" and min(gen.image_shape[1:]) < WATERMARK_MIN_SIDE:
         raise ConfigError(
             f"the {cfg.watermark} watermark (dwtDct) needs images of at least {WATERMARK_MIN_SIDE} px; this model "
@@ -172,6 +198,8 @@ def run_config(cfg: SampleRunConfig, gen: Generator) -> dict[str, Any]:
     """What ``RUN/config.json`` holds: the settings (guidance resolved), the generator and its conditions."""
     settings = dataclasses.asdict(cfg)
     settings["sample"]["guidance_scale"] = settings["guidance_scale"] = resolved_guidance(cfg, gen)
+    if cfg.speed_options:  # as applied on this device (autocast runs on CUDA only)
+        settings["sampling_speed"] = gen.sampling_record()
     return settings | {"generator": gen.describe(), "conditions": list(gen.conditions)}
 
 

@@ -38,6 +38,11 @@ def register(app: typer.Typer) -> None:
         guard_retries: int = typer.Option(5, min=0, help="re-samples allowed per blocked image"),
         watermark: str = typer.Option("none", help="none | sd-v1 (dwtDct 'StableDiffusionV1', needs >= 256 px)"),
         dtype: str = typer.Option("auto", help=DTYPE_HELP),
+        autocast: str = typer.Option("none", help="none | fp16 | bf16 autocast of the network (CUDA only; recorded)"),
+        channels_last: bool = typer.Option(False, help="channels-last memory format for the network"),
+        compile_network: bool = typer.Option(
+            False, "--compile", help="torch.compile the network (minutes of compilation; for long GPU runs)"
+        ),
         progress: bool = typer.Option(True, help="show a progress bar"),
         shard: str = typer.Option(None, help=SHARD_HELP),
         shards: int = typer.Option(0, min=0, help="run all of N shards with --engine, then merge (0: no shards)"),
@@ -71,6 +76,9 @@ def register(app: typer.Typer) -> None:
             guard_retries=guard_retries,
             watermark=watermark,
             dtype=dtype,
+            autocast=autocast,
+            channels_last=channels_last,
+            compile=compile_network,
         )
         cfg.validate()
         family_of(model)  # a bad model path fails before the run directory exists
