@@ -141,3 +141,23 @@ def test_cli_sweep_and_merge(tmp_path, capsys):
         main([*common[:-2], "--sweep", "synthetic_share=0.1,0.5", "--out", str(tmp_path / "x")])
     assert exc.value.code == 2 and "need 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_heatmap_marks_each_metric_by_its_own_interval():
+    from diffaudit.loop.sweep_plots import square_mark
+
+    entry = {
+        "damages": True,
+        "collapses": False,
+        "paired": {
+            "all/fid": {"mean": 3.0, "low": 1.0, "high": 5.0, "n": 8},
+            "heldout/fid": {"mean": 8.0, "low": -8.6, "high": 24.5, "n": 8},  # FID damaged, held-out not
+            "all/recall": {"mean": -0.07, "low": -0.12, "high": -0.03, "n": 8},
+        },
+    }
+    assert square_mark(entry, "all/fid") == "+"
+    assert square_mark(entry, "heldout/fid") == ""  # not the all/fid verdict
+    assert square_mark(entry, "all/recall") == "+"  # its own interval excludes 0
+    assert square_mark({**entry, "collapses": True}, "all/fid") == "*"
+    one_seed = {**entry, "paired": {"all/recall": {"mean": -0.5, "low": -0.5, "high": -0.5, "n": 1}}}
+    assert square_mark(one_seed, "all/recall") == ""

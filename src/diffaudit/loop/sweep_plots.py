@@ -23,6 +23,20 @@ def _layout(doc: dict[str, Any]) -> tuple[list[tuple[str, list]], list[float]]:
     return axes, shares
 
 
+#: The metric the map's damage / collapse rule reads (map.json's "rule").
+MAP_RULE_METRIC = "all/fid"
+
+
+def square_mark(entry: dict[str, Any], metric: str) -> str:
+    """The marker of one heat-map square: the map's own damage (+) / collapse (*) verdict for ``all/fid``;
+    for any other metric, + when that metric's own 95% interval excludes 0 (never the FID verdict)."""
+    if metric == MAP_RULE_METRIC:
+        return "*" if entry["collapses"] else ("+" if entry["damages"] else "")
+    p = entry["paired"].get(metric)
+    significant = p is not None and p["n"] > 1 and (p["low"] > 0 or p["high"] < 0)
+    return "+" if significant else ""
+
+
 def plot_heatmap(doc: dict[str, Any], metric: str, path: str | Path, cmap: str = "Reds") -> Path | None:
     """One panel per value of the second axis (if any): rows = first axis values, columns = shares.
 
@@ -65,7 +79,7 @@ def plot_heatmap(doc: dict[str, Any], metric: str, path: str | Path, cmap: str =
                 found = True
                 values[i, j] = p["mean"]
                 half = (p["high"] - p["low"]) / 2 if p["n"] > 1 else float("nan")
-                mark = "*" if entry["collapses"] else ("+" if entry["damages"] else "")
+                mark = square_mark(entry, metric)
                 labels[i][j] = f"{p['mean']:+.3g}{mark}\n±{half:.2g}" if np.isfinite(half) else f"{p['mean']:+.3g}"
         finite = values[np.isfinite(values)]
         lim = float(np.abs(finite).max()) if finite.size else 1.0
@@ -82,9 +96,10 @@ def plot_heatmap(doc: dict[str, Any], metric: str, path: str | Path, cmap: str =
     if not found:
         plt.close(fig)
         return None
+    marks = "+ damages, * collapses" if metric == MAP_RULE_METRIC else "+ interval excludes 0"
     fig.suptitle(
         f"paired {metric} difference to the 0% control at generation {doc['generation']} "
-        "(mean, 95% half-width; + damages, * collapses)",
+        f"(mean, 95% half-width; {marks})",
         fontsize=9,
     )
     fig.tight_layout()
