@@ -377,6 +377,36 @@ def test_tag_and_scrub_hooks_remove_synthetic_before_retraining(tmp_path):
     assert (samples.provenance["tag"] == "toy:").all() and (samples.images[:, 0, 0, 0] == 255).all()
 
 
+class _LoudTagger(_ToyTagger):
+    """A tag that changes every pixel: any metric computed on tagged images moves."""
+
+    def embed(self, images):
+        return np.full_like(images, 255)
+
+
+def test_tags_do_not_enter_the_evaluation(tmp_path):
+    # The map measures the model: a tag added to its outputs (for the scrub filter) must not change the scores.
+    from diffaudit.guards.scrub import LoopTagger, make_loop_filter
+
+    tagger = _LoudTagger()
+    real = _real(200)
+    cfg = LoopConfig(
+        backend="gaussian", train_size=60, synthetic_share=0.5, poison_generations=1, heal_generations=0,
+        num_samples=40, features="pixels",
+    )  # fmt: skip
+    hooks = LoopHooks(filter_fn=make_loop_filter(tagger, 254.5), tag_fn=LoopTagger(tagger))
+    run_experiment(Experiment({"a": cfg}, hooks=hooks), tmp_path / "tagged", real=real, show_progress=False)
+    run_experiment(Experiment({"a": cfg}), tmp_path / "plain", real=real, show_progress=False)
+    tagged, plain = (
+        [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("tagged", "plain")
+    )
+    scores = [k for k, v in plain[0].items() if k.startswith("all/") and isinstance(v, float)]
+    assert scores  # something is scored
+    assert {k: tagged[0][k] for k in scores} == {k: plain[0][k] for k in scores}  # generation 0: the same model
+    saved = ImageSet.load(tmp_path / "tagged" / "repeat-0" / "gen-000" / "samples.npz")
+    assert (saved.images == 255).all()  # what is saved (and re-used) carries the tag
+
+
 def test_cli_tag_and_scrub_removes_synthetic_before_retraining(tmp_path):
     """--tag-and-scrub: synthetic images carry the tag, the filter drops them, real ones mostly pass."""
     out = tmp_path / "run"

@@ -187,9 +187,11 @@ def run_generation(
     seeds = seeds_for(seed, generation, x.num_samples + num_extra)
     labels = sample_labels(cfg, real, x.num_samples, num_extra)
     samples = x.models.sample(model, labels, seeds, generation)
+    # Scored before any tag: the map measures the model, and a tag strong enough to survive 8x8 images (48
+    # grey levels) moved FID by tens of units on its own. What is saved and re-used carries the tag.
+    evaluated = samples if num_extra == 0 else samples.subset(np.arange(x.num_samples))
     if x.hooks.tag_fn is not None:
         samples = x.hooks.tag_fn(samples, generation)
-    evaluated = samples if num_extra == 0 else samples.subset(np.arange(x.num_samples))
     row: dict[str, Any] = {
         KEY_GENERATION: generation,
         KEY_PHASE: phase,
