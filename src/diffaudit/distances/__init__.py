@@ -26,7 +26,9 @@ blocks chosen so the (tiles, bq, br) float32 product stays within ``_engine.FAST
 Reference sets whose matmul operand fits in ``REF_CACHE_BYTES`` are converted once and kept.
 
 All public functions accept numpy arrays or torch tensors and return numpy arrays. They compute on the
-device of the first torch tensor argument (CUDA when the input lives there), the CPU for numpy arrays.
+device of the first torch tensor argument (CUDA when the input lives there), the CPU for numpy arrays. On the
+CPU, blocks of query rows run on ``torch.get_num_threads()`` threads at once (``_parallel``); results are the
+same, bit for bit, for any thread count.
 """
 
 from __future__ import annotations
