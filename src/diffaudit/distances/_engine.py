@@ -256,6 +256,17 @@ def product_buffer(geom: Geometry, bq: int, br: int) -> torch.Tensor:
     return torch.empty((2 if geom.tiles > 1 else 1) * bq * br, dtype=torch.float32, device=geom.device)
 
 
+def block_scratch(geom: Geometry, bq: int, br: int) -> ThreadScratch:
+    """Per-thread buffers of a blocked comparison: the query operand (tiles, bq, tile_dim + 2) float32 and the
+    :func:`product_buffer` for (bq, br) blocks, made once by each thread that asks (``.get()``)."""
+    return ThreadScratch(
+        lambda: (
+            torch.empty((geom.tiles, bq, geom.tile_dim + 2), dtype=torch.float32, device=geom.device),
+            product_buffer(geom, bq, br),
+        )
+    )
+
+
 def query_from_ref(r: Operand, geom: Geometry, out: torch.Tensor) -> Operand:
     """The query operand of the same rows as the reference operand ``r`` (symmetric comparisons).
 

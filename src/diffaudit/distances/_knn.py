@@ -22,6 +22,7 @@ from diffaudit.distances._engine import (
     ArrayLike,
     Geometry,
     RefBlocks,
+    block_scratch,
     center_of,
     exact_pairs,
     fast_sq,
@@ -29,10 +30,9 @@ from diffaudit.distances._engine import (
     make_operand,
     pair_band,
     plan_blocks,
-    product_buffer,
     rel_tol,
 )
-from diffaudit.distances._parallel import ThreadScratch, balanced_block, run_blocks
+from diffaudit.distances._parallel import balanced_block, run_blocks
 
 # Reference rows per group of the two-level selection. The fast product is laid out reference-major (br, bq),
 # so the minimum over a group of 16 reference rows is an elementwise minimum of contiguous rows: one cheap
@@ -320,13 +320,7 @@ def knn_sq(
     center = center_of(ref, geom, min(br, len(ref)))
     refs = RefBlocks(ref, geom, center, br, cache_bytes)
     tol = rel_tol(dev)
-    width = geom.tile_dim + 2
-    scratch = ThreadScratch(
-        lambda: (
-            torch.empty((geom.tiles, min(bq, len(query)), width), dtype=torch.float32, device=dev),
-            product_buffer(geom, min(bq, len(query)), min(br, len(ref))),
-        )
-    )
+    scratch = block_scratch(geom, min(bq, len(query)), min(br, len(ref)))
     # Candidates per query before an early exact prune: room for the k plus a block's worth of near-ties.
     cap = 2 * k + 64
     out_sq = torch.empty((len(query), k), dtype=torch.float64, device=dev)

@@ -9,6 +9,7 @@ from diffaudit.distances._engine import (
     ArrayLike,
     Geometry,
     RefBlocks,
+    block_scratch,
     center_of,
     exact_pairs,
     fast_sq,
@@ -16,12 +17,11 @@ from diffaudit.distances._engine import (
     make_operand,
     pair_band,
     plan_blocks,
-    product_buffer,
     query_from_ref,
     rel_tol,
 )
 from diffaudit.distances._knn import select_le
-from diffaudit.distances._parallel import ThreadScratch, balanced_block, run_blocks
+from diffaudit.distances._parallel import balanced_block, run_blocks
 
 
 def pairwise_matrix(
@@ -44,12 +44,7 @@ def pairwise_matrix(
     center = center_of(y, geom, min(br, len(y)))
     refs = RefBlocks(y, geom, center, br, cache_bytes)
     tol = rel_tol(dev)
-    scratch = ThreadScratch(
-        lambda: (
-            torch.empty((geom.tiles, min(bq, len(x)), geom.tile_dim + 2), dtype=torch.float32, device=dev),
-            product_buffer(geom, min(bq, len(x)), min(br, len(y))),
-        )
-    )
+    scratch = block_scratch(geom, min(bq, len(x)), min(br, len(y)))
     out = np.empty((len(x), len(y)), dtype=np.float32)
     thr_raw = float(recompute_below) ** 2 / geom.scale
 
@@ -106,12 +101,7 @@ def count_within(
     center = center_of(ref, geom, min(br, len(ref)))
     refs = RefBlocks(ref, geom, center, br, cache_bytes)
     tol = rel_tol(dev)
-    scratch = ThreadScratch(
-        lambda: (
-            torch.empty((geom.tiles, min(bq, len(query)), geom.tile_dim + 2), dtype=torch.float32, device=dev),
-            product_buffer(geom, min(bq, len(query)), min(br, len(ref))),
-        )
-    )
+    scratch = block_scratch(geom, min(bq, len(query)), min(br, len(ref)))
     counts = torch.zeros(len(query), dtype=torch.int64, device=dev)
 
     def query_block(i0: int) -> None:
