@@ -19,3 +19,12 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 def tiny_images() -> np.ndarray:
     """A deterministic uint8 stack (12, 1, 8, 8)."""
     return np.random.default_rng(0).integers(0, 256, size=(12, 1, 8, 8), dtype=np.uint8)
+
+
+@pytest.fixture(params=["float32", "int8"])
+def both_fast_passes(request, monkeypatch) -> str:
+    """Run a distance test once on each fast pass (the exact integer one is otherwise chosen by measurement)."""
+    from diffaudit.distances import _engine
+
+    monkeypatch.setattr(_engine, "INT8_FAST_PASS", request.param == "int8")
+    return request.param

@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 from diffaudit import distances as D
 from diffaudit.errors import ConfigError, DataError
 
+# Every test runs on both fast passes (float32 with exact recompute, exact int8).
+pytestmark = pytest.mark.usefixtures("both_fast_passes")
+
 
 def _naive_l2(a: np.ndarray, b: np.ndarray) -> float:
     a64, b64 = a.astype(np.float64), b.astype(np.float64)

@@ -9,6 +9,9 @@ import torch
 from diffaudit import distances as D
 from diffaudit.distances._knn import _GROUP, select_le
 
+# Every test runs on both fast passes (float32 with exact recompute, exact int8).
+pytestmark = pytest.mark.usefixtures("both_fast_passes")
+
 BLOCKS = [(1, 1), (3, 5), (7, 64), (64, 2), (17, 33), (1000, 1000)]
 
 
@@ -191,7 +194,8 @@ def test_torch_inputs_stay_on_their_device() -> None:
 @pytest.mark.parametrize("step", [1, 2])
 def test_uint8_squared_norms_stay_exact_above_2_24(step: int) -> None:
     # Float32 sums of integers are exact only below 2^24 (times step^2); larger rows must take the float64 path.
-    from diffaudit.distances._engine import _sq_norms, geometry
+    from diffaudit.distances._engine import geometry
+    from diffaudit.distances._operand import _sq_norms
 
     gen = torch.Generator().manual_seed(step)
     body = (torch.randint(-255, 256, (2, 3, 4096), generator=gen) * step).to(torch.float32)

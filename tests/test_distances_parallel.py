@@ -9,6 +9,9 @@ import torch
 from diffaudit import distances as D
 from diffaudit.distances._parallel import balanced_block, run_blocks
 
+# Every test runs on both fast passes (float32 with exact recompute, exact int8).
+pytestmark = pytest.mark.usefixtures("both_fast_passes")
+
 
 @pytest.fixture
 def two_threads():

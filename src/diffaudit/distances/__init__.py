@@ -22,7 +22,7 @@ exact in that sense, and ties go to the lower index however many exact copies th
 
 Everything streams over blocks of rows, so 100,000 x 100,000 image searches run in memory bounded by the
 block sizes, not by N x M: the ``block`` arguments are upper bounds, and the engine may use smaller compute
-blocks chosen so the (tiles, bq, br) float32 product stays within ``_engine.FAST_TILE_BYTES`` (cache-sized).
+blocks chosen so the (tiles, bq, br) float32 product stays within ``_operand.FAST_TILE_BYTES`` (cache-sized).
 Reference sets whose matmul operand fits in ``REF_CACHE_BYTES`` are converted once and kept.
 
 All public functions accept numpy arrays or torch tensors and return numpy arrays. They compute on the

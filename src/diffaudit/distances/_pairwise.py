@@ -5,22 +5,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffaudit.distances._engine import (
-    ArrayLike,
-    Geometry,
+from diffaudit.distances._engine import ArrayLike, Geometry, center_of, exact_pairs, load, rel_tol
+from diffaudit.distances._knn import select_le
+from diffaudit.distances._operand import (
     RefBlocks,
     block_scratch,
-    center_of,
-    exact_pairs,
     fast_sq,
-    load,
     make_operand,
     pair_band,
     plan_blocks,
     query_from_ref,
-    rel_tol,
 )
-from diffaudit.distances._knn import select_le
 from diffaudit.distances._parallel import balanced_block, run_blocks
 
 
@@ -43,7 +38,7 @@ def pairwise_matrix(
         bq = balanced_block(len(x), bq, dev)
     center = center_of(y, geom, min(br, len(y)))
     refs = RefBlocks(y, geom, center, br, cache_bytes)
-    tol = rel_tol(dev)
+    tol = rel_tol(geom)
     scratch = block_scratch(geom, min(bq, len(x)), min(br, len(y)))
     out = np.empty((len(x), len(y)), dtype=np.float32)
     thr_raw = float(recompute_below) ** 2 / geom.scale
@@ -58,21 +53,25 @@ def pairwise_matrix(
         for j0, r in refs:
             if symmetric and j0 + br <= i0:
                 continue  # filled from the mirrored block
-            sq = fast_sq(r, q, geom, pbuf)  # (m, b), reference-major
+            sq, exact_sq = fast_sq(r, q, geom, pbuf)  # (m, b), reference-major
             # Recompute what is below the threshold or within the query's error band of zero.
             band = pair_band(q.norm, r.norm.max(), geom, tol)
             thr = (torch.clamp_min(band, thr_raw) * (1 + 1e-6)).to(torch.float32)
             qi, rj = select_le(sq, thr)
-            if len(qi):  # provably exact fast values need no recompute; a row against itself is exactly 0
+            if len(qi) and exact_sq is None:  # exact fast values need no recompute; nor does a row against itself
                 keep = pair_band(q.norm[qi], r.norm[rj], geom, tol) > 0
                 if symmetric and i0 == j0:
                     keep &= qi != rj
                 qi, rj = qi[keep], rj[keep]
+            # The integer pass's exact values, read before the float32 copy is turned into distances in place.
+            exact_vals = exact_sq[rj, qi].double() if exact_sq is not None and len(qi) else None
             sq.clamp_min_(0.0).mul_(geom.scale).sqrt_()
             if symmetric and i0 == j0:
                 sq.diagonal().zero_()
             if len(qi):
-                sq[rj, qi] = exact_pairs(x, qi + i0, y, rj + j0, geom).mul_(geom.scale).sqrt_().to(torch.float32)
+                if exact_vals is None:
+                    exact_vals = exact_pairs(x, qi + i0, y, rj + j0, geom)
+                sq[rj, qi] = exact_vals.mul_(geom.scale).sqrt_().to(torch.float32)
             block_np = sq.cpu().numpy()
             m, b = block_np.shape
             out[i0 : i0 + b, j0 : j0 + m] = block_np.T
@@ -100,7 +99,7 @@ def count_within(
     radii_sq = radii64 * radii64 / geom.scale  # raw units, float64
     center = center_of(ref, geom, min(br, len(ref)))
     refs = RefBlocks(ref, geom, center, br, cache_bytes)
-    tol = rel_tol(dev)
+    tol = rel_tol(geom)
     scratch = block_scratch(geom, min(bq, len(query)), min(br, len(ref)))
     counts = torch.zeros(len(query), dtype=torch.int64, device=dev)
 
@@ -110,7 +109,7 @@ def count_within(
         q = make_operand(qb, geom, center, "query", qbuf)
         qmax = float(q.norm.max())
         for j0, r in refs:
-            sq = fast_sq(r, q, geom, pbuf)  # (m, b), reference-major
+            sq, exact_sq = fast_sq(r, q, geom, pbuf)  # (m, b), reference-major
             r2 = radii_sq[j0 : j0 + sq.shape[0]]
             # Per reference row: below `lower` is surely inside, above `upper` surely outside, in between is
             # decided exactly. The margin also covers the float32 rounding of the squared radii themselves.
@@ -120,7 +119,7 @@ def count_within(
             c = (sq < lower).sum(0)
             rj, qi = torch.nonzero((sq >= lower) & (sq <= upper), as_tuple=True)
             if len(qi):
-                e = exact_pairs(query, qi + i0, ref, rj + j0, geom)
+                e = exact_pairs(query, qi + i0, ref, rj + j0, geom) if exact_sq is None else exact_sq[rj, qi].double()
                 # The same formula as knn_radii, so a pair exactly at a k-NN radius is consistently outside.
                 inside = (e * geom.scale).sqrt_() < radii64[j0 + rj]
                 c.index_add_(0, qi[inside], torch.ones(int(inside.sum()), dtype=c.dtype, device=dev))
