@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from diffaudit.distances._engine import ArrayLike, Geometry, center_of, exact_pairs, load, rel_tol
+from diffaudit.distances._knn_int8 import knn_sq_int8
 from diffaudit.distances._operand import RefBlocks, block_scratch, fast_sq, make_operand, pair_band, plan_blocks
 from diffaudit.distances._parallel import balanced_block, run_blocks
 
@@ -302,6 +303,8 @@ def knn_sq(
     cache_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact raw squared distances (Nq, k) float64 and indices (Nq, k) int64 of the k nearest ref rows."""
+    if geom.int8:  # exact values: a heap per query in one compiled pass, no bands or candidates
+        return knn_sq_int8(query, ref, k, geom, block_q, block_r, exclude_self, cache_bytes)
     bq_max, br = plan_blocks(geom, block_q, block_r)
     dev = geom.device
     bq = balanced_block(len(query), bq_max, dev)
@@ -336,30 +339,29 @@ def knn_sq(
             dense = k >= _DENSE_MIN_K and k >= _DENSE_SHARE * seen
             seen += m
             if dense:
-                sq, exact_sq = fast_sq(q, r, geom, pbuf)  # (b, m), query-major
+                sq, _ = fast_sq(q, r, geom, pbuf)  # (b, m), query-major
                 if diag is not None:
                     sq[diag - i0, diag - j0] = torch.inf
                 first = bool(torch.isinf(bound.tau).any())
                 if first:  # every row of the block: its k-th smallest value is the bound
                     bound.add_values(sq, band)
                 qi, rj = torch.nonzero(sq <= _thr32(bound.tau + band)[:, None], as_tuple=True)
-                f = (sq if exact_sq is None else exact_sq)[qi, rj].double()
+                f = sq[qi, rj].double()
                 if len(qi) and not first:
                     bound.add_values(_pad_by_row(qi, f.float(), b), band)
             else:
-                sq, exact_sq = fast_sq(r, q, geom, pbuf)  # (m, b), reference-major
+                sq, _ = fast_sq(r, q, geom, pbuf)  # (m, b), reference-major
                 if diag is not None:
                     sq[diag - j0, diag - i0] = torch.inf
                 gmin = group_min(sq)
                 # k group minima are k distinct rows, so the k-th smallest minimum (plus the band) bounds U.
                 bound.add_groups(gmin.T, band)  # query-major: contiguous rows
                 qi, rj = select_le(sq, _thr32(bound.tau + band), gmin)
-                f = (sq if exact_sq is None else exact_sq)[rj, qi].double()
+                f = sq[rj, qi].double()
                 if len(qi) and k > 1:  # k = 1: the smallest group minimum is already the block's minimum
                     bound.add_values(_pad_by_row(qi, f.float(), b), band)
             if len(qi):
-                # The integer pass's values are exact: no band, nothing to recompute.
-                b_ij = pair_band(q.norm[qi], r.norm[rj], geom, tol) if exact_sq is None else torch.zeros_like(f)
+                b_ij = pair_band(q.norm[qi], r.norm[rj], geom, tol)
                 cands.add(qi, rj + j0, (f - b_ij).clamp_min_(0.0), f + b_ij, torch.where(b_ij == 0, f, torch.nan))
                 if cands.size > cap * b:
                     cands.prune(bound.tau)  # early candidates mostly fall behind the tightened bound

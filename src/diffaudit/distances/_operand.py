@@ -175,9 +175,12 @@ def query_from_ref(r: Operand, geom: Geometry, out: torch.Tensor) -> Operand:
     return Operand(data, r.norm)
 
 
-def fast_sq(a: Operand, b: Operand, geom: Geometry, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fast_sq(
+    a: Operand, b: Operand, geom: Geometry, out: torch.Tensor, selection_copy: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Fast raw squared distances (len a, len b) float32 (max over tiles, not clamped at 0), and the exact
-    int32 values of the integer pass (same layout; None for the float pass).
+    int32 values of the integer pass (same layout; None for the float pass). ``selection_copy=False`` skips
+    the float32 copy of the integer pass (returned as None) for callers that read the exact values only.
 
     Callers pass the reference operand first for a reference-major product (reductions over groups of
     reference rows then run over contiguous query rows). ``out`` is a :func:`product_buffer`. Tiles are one
@@ -202,6 +205,8 @@ def fast_sq(a: Operand, b: Operand, geom: Geometry, out: torch.Tensor) -> tuple[
         dst.add_(a.tile_norms[t][:, None])
         if t:
             torch.maximum(acc, tmp, out=acc)
+    if not selection_copy:
+        return None, acc
     f0 = (2 if tmp is not None else 1) * size  # after the int32 product(s)
     sq = out[f0 : f0 + size].view(torch.float32).view(n1, n2)
     sq.copy_(acc)
