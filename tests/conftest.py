@@ -21,10 +21,12 @@ def tiny_images() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, size=(12, 1, 8, 8), dtype=np.uint8)
 
 
-@pytest.fixture(params=["float32", "int8"])
-def both_fast_passes(request, monkeypatch) -> str:
-    """Run a distance test once on each fast pass (the exact integer one is otherwise chosen by measurement)."""
-    from diffaudit.distances import _engine
+@pytest.fixture(params=["int8", "float32", "torch-selection"])
+def every_engine_path(request, monkeypatch) -> str:
+    """Run a distance test on each engine path: the exact integer pass and the float32 pass with the fused
+    CPU selection, and the float32 pass with the torch selection that CUDA tensors use."""
+    from diffaudit.distances import _engine, _knn_fused
 
     monkeypatch.setattr(_engine, "INT8_FAST_PASS", request.param == "int8")
+    monkeypatch.setattr(_knn_fused, "ENABLED", request.param != "torch-selection")
     return request.param

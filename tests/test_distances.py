@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from diffaudit import distances as D
 from diffaudit.errors import ConfigError, DataError
 
-# Every test runs on both fast passes (float32 with exact recompute, exact int8).
-pytestmark = pytest.mark.usefixtures("both_fast_passes")
+# Every test runs on every engine path (int8 and float32 fast passes, fused and torch selections).
+pytestmark = pytest.mark.usefixtures("every_engine_path")
 
 
 def _naive_l2(a: np.ndarray, b: np.ndarray) -> float:

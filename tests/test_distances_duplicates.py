@@ -9,8 +9,8 @@ import torch
 from diffaudit import distances as D
 from diffaudit.distances._knn import _GROUP, select_le
 
-# Every test runs on both fast passes (float32 with exact recompute, exact int8).
-pytestmark = pytest.mark.usefixtures("both_fast_passes")
+# Every test runs on every engine path (int8 and float32 fast passes, fused and torch selections).
+pytestmark = pytest.mark.usefixtures("every_engine_path")
 
 BLOCKS = [(1, 1), (3, 5), (7, 64), (64, 2), (17, 33), (1000, 1000)]
 
@@ -126,6 +126,24 @@ def test_crowded_rows_are_pruned_exactly() -> None:
             dist, idx = D.nearest_neighbors(img, ref, k=k, block_q=bq, block_r=br)
             np.testing.assert_array_equal(idx[0], np.arange(20, 20 + k))
             assert (dist == 0).all()
+
+
+def test_neighbours_whose_fast_values_are_far_off_are_found() -> None:
+    # Features far from the reference centre: float32 fast values err by far more than the gaps between the
+    # nearest rows, so a selection that trusts them (no error band) keeps the wrong rows.
+    rng = np.random.default_rng(11)
+    spread = rng.normal(size=(300, 64)).astype(np.float32) * 1000  # centre near 0, norms ~ 8e3
+    q = spread[:20] + 1000
+    near = np.repeat(q, 5, axis=0) + rng.normal(size=(100, 64)).astype(np.float32) * 1e-3
+    ref = np.concatenate([spread, near])[rng.permutation(400)]
+    fast = (q**2).sum(1)[:, None] + (ref**2).sum(1)[None] - 2 * q @ ref.T  # what a float32 pass sees
+    exact = ((q[:, None].astype(np.float64) - ref[None]) ** 2).sum(-1)
+    assert (np.argsort(fast, 1)[:, :2] != np.argsort(exact, 1)[:, :2]).any()  # the fast order is wrong
+    want_d, want_i = _want(q, ref, 2, "euclidean")
+    for bq, br in [(1, 1), (7, 16), (1000, 1000)]:
+        dist, idx = D.nearest_neighbors(q, ref, k=2, metric="euclidean", block_q=bq, block_r=br)
+        np.testing.assert_array_equal(idx, want_i)
+        np.testing.assert_allclose(dist, want_d, rtol=1e-6)
 
 
 def test_float_near_ties_ranked_by_exact_distance() -> None:

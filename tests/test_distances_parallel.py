@@ -9,8 +9,8 @@ import torch
 from diffaudit import distances as D
 from diffaudit.distances._parallel import balanced_block, run_blocks
 
-# Every test runs on both fast passes (float32 with exact recompute, exact int8).
-pytestmark = pytest.mark.usefixtures("both_fast_passes")
+# Every test runs on every engine path (int8 and float32 fast passes, fused and torch selections).
+pytestmark = pytest.mark.usefixtures("every_engine_path")
 
 
 @pytest.fixture

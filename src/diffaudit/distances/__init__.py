@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffaudit.distances import _engine
+from diffaudit.distances import _engine, _knn_fused
 from diffaudit.distances._engine import METRICS, ArrayLike, check_unit_range, geometry, to_tensor
 from diffaudit.distances._knn import knn_sq
 from diffaudit.distances._pairwise import count_within, pairwise_matrix
@@ -198,6 +198,15 @@ def pairwise_tiled_l2(
     return pairwise_distances(x, y, "tiled", grid, block, recompute_below)
 
 
+def _knn_sq(
+    query: ArrayLike, ref: ArrayLike, k: int, geom: _engine.Geometry, block_q: int, block_r: int, exclude_self: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact raw squared k-NN distances and indices: the fused selection on the CPU, the torch one elsewhere."""
+    if geom.device.type == "cpu" and _knn_fused.ENABLED:
+        return _knn_fused.knn_sq_fused(query, ref, k, geom, block_q, block_r, exclude_self, REF_CACHE_BYTES)
+    return knn_sq(query, ref, k, geom, block_q, block_r, exclude_self, REF_CACHE_BYTES)
+
+
 def _check_k(k: int, available: int, what: str) -> int:
     if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
         raise ConfigError(f"k must be a positive integer, got {k!r}")
@@ -243,7 +252,7 @@ def nearest_neighbors(
     if exclude_self and len(query) != len(ref):
         raise DataError(f"exclude_self needs query and ref to be one set; got {len(query)} and {len(ref)} rows")
     k = _check_k(k, len(ref) - (1 if exclude_self else 0), "ref")
-    sq, idx = knn_sq(query, ref, k, geom, block_q, block_r, exclude_self, REF_CACHE_BYTES)
+    sq, idx = _knn_sq(query, ref, k, geom, block_q, block_r, exclude_self)
     return sq.mul_(geom.scale).sqrt_().to(torch.float32).cpu().numpy(), idx.cpu().numpy()
 
 
@@ -272,7 +281,7 @@ def knn_radii(
     block = _check_block(block, "block")
     _check_rows(x, "x")
     k = _check_k(k, len(x) - 1, "x (excluding each row itself)")
-    sq, _ = knn_sq(x, x, k, geom, block, block, True, REF_CACHE_BYTES)
+    sq, _ = _knn_sq(x, x, k, geom, block, block, True)
     return (sq[:, k - 1] * geom.scale).sqrt_().cpu().numpy()
 
 

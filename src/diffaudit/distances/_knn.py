@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from diffaudit.distances._engine import ArrayLike, Geometry, center_of, exact_pairs, load, rel_tol
-from diffaudit.distances._knn_int8 import knn_sq_int8
 from diffaudit.distances._operand import RefBlocks, block_scratch, fast_sq, make_operand, pair_band, plan_blocks
 from diffaudit.distances._parallel import balanced_block, run_blocks
 
@@ -303,8 +302,6 @@ def knn_sq(
     cache_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact raw squared distances (Nq, k) float64 and indices (Nq, k) int64 of the k nearest ref rows."""
-    if geom.int8:  # exact values: a heap per query in one compiled pass, no bands or candidates
-        return knn_sq_int8(query, ref, k, geom, block_q, block_r, exclude_self, cache_bytes)
     bq_max, br = plan_blocks(geom, block_q, block_r)
     dev = geom.device
     bq = balanced_block(len(query), bq_max, dev)
