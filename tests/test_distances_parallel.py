@@ -35,8 +35,8 @@ def _brute(q: np.ndarray, r: np.ndarray) -> np.ndarray:
 def test_balanced_blocks_split_rows_evenly_over_the_workers(two_threads) -> None:
     cpu = torch.device("cpu")
     assert balanced_block(5000, 1024, cpu) == 834  # 6 blocks, not 5 (one worker idle a fifth of the time)
-    assert balanced_block(500, 1024, cpu, blocks_per_worker=2) == 125
-    assert balanced_block(100, 1024, cpu) == 1024  # too few rows to be worth a thread
+    assert balanced_block(2000, 1024, cpu, blocks_per_worker=2) == 500
+    assert balanced_block(500, 1024, cpu, blocks_per_worker=2) == 1024  # too few rows to be worth a thread
     torch.set_num_threads(1)
     assert balanced_block(5000, 1024, cpu) == 1024
 

@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 #: Default upper bound on rows per block (query and reference).
-DEFAULT_BLOCK = 1024
+DEFAULT_BLOCK = 2048
 #: Default threshold (in the metric's units) below which fast distances are recomputed exactly.
 #: Everything near the extraction threshold delta = 0.15 must be exact.
 DEFAULT_RECOMPUTE_BELOW = 0.2

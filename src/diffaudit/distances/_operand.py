@@ -25,7 +25,7 @@ from diffaudit.distances._parallel import ThreadScratch
 
 # Bytes of the (bq, br) float32 fast-pass product (per tile): small enough to stay near the core between the
 # matmul and the reductions that read it (max over tiles, group minima), large enough for an efficient matmul.
-FAST_TILE_BYTES = 4 << 20
+FAST_TILE_BYTES = 16 << 20
 # Most reference rows per compute block: the selection after the matmul works row by row on this many values.
 MAX_BLOCK_R = 2048
 
