@@ -15,6 +15,8 @@ import argparse
 import os
 import platform
 import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 from diffaudit import distances
+from diffaudit.distances import _engine
 
 
 def _cpu_model() -> str:
@@ -33,6 +36,30 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _int8_flags() -> str:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    return ", ".join(f for f in ("amx_int8", "avx512_vnni", "avx_vnni") if f in flags) or "none"
+
+
+def _probe_rows(args: argparse.Namespace, skip: set[str]) -> str:
+    """Peak resident memory added by diffaudit's call in each row, each in a fresh process."""
+    cells = []
+    for row in ROWS:
+        if row in skip:
+            continue
+        others = ",".join(r for r in ROWS if r != row)
+        cmd = [sys.executable, __file__, "--memory-probe", "--skip", others, "--threads", str(args.threads)]
+        cmd += ["--fast-pass", args.fast_pass, "--tiled-n", str(args.tiled_n), "--nn-q", str(args.nn_q)]
+        cmd += ["--nn-r", str(args.nn_r), "--feat-n", str(args.feat_n), "--img-q", str(args.img_q)]
+        cmd += ["--img-r", str(args.img_r)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        cells.append(f"{row} {out.split('PEAK_MIB')[1].split()[0]} MiB")
+    return ", ".join(cells)
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
@@ -91,7 +118,32 @@ def faiss_knn(faiss: object, q: np.ndarray, r: np.ndarray, k: int) -> tuple[np.n
     return np.sqrt(np.clip(d2, 0, None)), i
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_mib(fn: Callable[[], object]) -> float:
+    """MiB of resident memory one call adds at its peak: VmHWM (reset just before) minus VmRSS before."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark VmHWM (Linux)
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+# Set by --memory-probe: the first row's diffaudit call is measured for memory, printed, and the process exits
+# (a fresh process per row, so the allocator holds nothing from earlier rows or baselines).
+_PROBE = False
+ROWS = ("tiled", "nn", "adaptive", "feat", "img")
+
+
 def _time(fns: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, float], dict[str, object]]:
+    if _PROBE:
+        fns["diffaudit"]()  # warm: numba's compiled code and torch's thread pools are not the engine's memory
+        print(f"PEAK_MIB {_peak_mib(fns['diffaudit']):.1f}", flush=True)
+        sys.exit(0)
     best = dict.fromkeys(fns, float("inf"))
     outs: dict[str, object] = {}
     for _ in range(repeats):  # interleaved, so a burst of load on the shared machine hits every method
@@ -124,7 +176,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma-separated rows to skip: tiled,nn,adaptive,feat,img")
     ap.add_argument("--out", type=Path, default=None, help="also write the table here")
+    ap.add_argument(
+        "--fast-pass",
+        choices=("auto", "float32", "int8"),
+        default="auto",
+        help="diffaudit's fast pass for uint8 images: auto (int8 where this CPU's int8 matmul is faster)",
+    )
+    ap.add_argument("--memory", action="store_true", help="also measure diffaudit's peak memory per row")
+    ap.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global _PROBE
+    _PROBE = args.memory_probe
+    if args.fast_pass != "auto":
+        _engine.INT8_FAST_PASS = args.fast_pass == "int8"
     try:
         import faiss  # optional dev dependency
     except ImportError:
@@ -220,10 +284,17 @@ def main() -> None:
 
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    int8 = _engine.INT8_FAST_PASS if _engine.INT8_FAST_PASS is not None else _engine._int8_matmul_is_faster()
     header = [
-        f"- CPU: {_cpu_model()}, {os.cpu_count()} logical cores, {args.threads} threads; shared with other jobs",
+        f"- CPU: {_cpu_model()}, {os.cpu_count()} logical cores, {args.threads} threads; shared with other jobs;"
+        f" int8 matmul instructions: {_int8_flags()}",
         f"- torch {torch.__version__}, faiss {getattr(faiss, '__version__', 'absent')}, numpy {np.__version__}",
+        f"- diffaudit's fast pass for uint8 images: {'int8' if int8 else 'float32'} (--fast-pass {args.fast_pass})",
         f"- load average at the end: {load}; best of {args.repeats} interleaved runs; peak RSS {peak:.0f} MiB",
+    ]
+    if args.memory:
+        header.append(f"- diffaudit's peak memory per row (fresh process each): {_probe_rows(args, skip)}")
+    header += [
         "",
         "| workload | time (best) | ratio: fastest baseline / diffaudit | near-copy relative error |",
         "|---|---|---|---|",
