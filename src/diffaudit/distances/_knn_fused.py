@@ -24,7 +24,14 @@ import numpy as np
 import torch
 
 from diffaudit.distances._engine import ArrayLike, Geometry, center_of, load, rel_tol
-from diffaudit.distances._operand import RefBlocks, block_scratch, fast_sq, make_operand, plan_blocks
+from diffaudit.distances._operand import (
+    RefBlocks,
+    block_scratch,
+    exact_norm_sum,
+    fast_sq,
+    make_operand,
+    plan_blocks,
+)
 from diffaudit.distances._parallel import balanced_block, run_blocks
 
 # Use the fused selection for CPU inputs (tests switch it off to run the torch selection that CUDA uses).
@@ -149,8 +156,10 @@ def _exact_sq(a: np.ndarray, b: np.ndarray, tile_of: np.ndarray, acc: np.ndarray
 @numba.njit(nogil=True, cache=True)
 def _select_banded(
     prod: np.ndarray,
-    qband: np.ndarray,
-    rband: np.ndarray,
+    qnorm: np.ndarray,
+    rnorm: np.ndarray,
+    tol: float,
+    exact_sum: float,
     qraw: np.ndarray,
     rraw: np.ndarray,
     tile_of: np.ndarray,
@@ -162,12 +171,15 @@ def _select_banded(
 ) -> None:  # pragma: no cover - compiled
     """Fold a block of fast values into the heaps, recomputing exactly only the rows that may enter.
 
-    prod (b, m) float32 fast values, query-major; qband (b,), rband (m,) float64: ``tol * |q|^2`` and
-    ``tol * |r|^2``, whose sum bounds a pair's error; qraw (b, D), rraw (m, D): the rows in raw units;
-    tile_of (D,) int64: the tile of each value; vals (b, k) float64 and idx (b, k) int64: the heaps.
+    prod (b, m) float32 fast values, query-major; qnorm (b,), rnorm (m,) float64: the operands' squared
+    norms, so ``tol * (qnorm + rnorm)`` bounds a pair's error, and a pair whose norms sum below ``exact_sum``
+    has an exact fast value (no recompute); qraw (b, D), rraw (m, D): the rows in raw units; tile_of (D,)
+    int64: the tile of each value; vals (b, k) float64 and idx (b, k) int64: the heaps.
     """
     b, m = prod.shape
     acc = np.empty(n_tiles)
+    qband = tol * qnorm
+    rband = tol * rnorm
     rmax = rband.max() if m else 0.0
     lows = np.empty((m + _CHUNK - 1) // _CHUNK, dtype=np.int32)
     bits = prod.view(np.int32)
@@ -192,7 +204,8 @@ def _select_banded(
             for j in range(c0, min(c0 + _CHUNK, m)):
                 f = np.float64(row[j])
                 if f <= loose and j != skip and f - qband[i] - rband[j] <= top:
-                    e = _exact_sq(qraw[i], rraw[j], tile_of, acc)
+                    exact = qnorm[i] + rnorm[j] < exact_sum
+                    e = f if exact else _exact_sq(qraw[i], rraw[j], tile_of, acc)
                     if e < top or (e == top and base + j < hi[0]):
                         _sift_in(hv, hi, e, base + j)
                         top = hv[0]
@@ -250,7 +263,8 @@ def knn_sq_fused(
         vals = np.full((b, k), _INT_MAX, dtype=np.int64) if geom.int8 else np.full((b, k), np.inf)
         idx = np.full((b, k), _INT_MAX, dtype=np.int64)
         qraw = None if geom.int8 else qb.reshape(b, -1).numpy()
-        qband = q.norm.double().mul_(tol).numpy()
+        qnorm = q.norm.double().numpy()
+        exact_sum = exact_norm_sum(geom, tol)
         for j0, r in refs:
             m = r.data.shape[1]
             own = np.arange(i0, i0 + b, dtype=np.int64) - j0
@@ -264,9 +278,11 @@ def knn_sq_fused(
                 _select_exact(exact.numpy(), 1, np.zeros(m, dtype=np.int64), j0, self_col, vals, idx)
             else:
                 sq, _ = fast_sq(q, r, geom, pbuf)  # (b, m), query-major
-                rband = r.norm.double().mul_(tol).numpy()
+                rnorm = r.norm.double().numpy()
                 rraw = _raw_rows(ref, slice(j0, j0 + m), geom, "ref")
-                _select_banded(sq.numpy(), qband, rband, qraw, rraw, tile_of, geom.tiles, j0, self_col, vals, idx)
+                _select_banded(
+                    sq.numpy(), qnorm, rnorm, tol, exact_sum, qraw, rraw, tile_of, geom.tiles, j0, self_col, vals, idx
+                )
         if dot_only:
             vals += q.tile_norms[0].numpy().astype(np.int64)[:, None]
         order = _order(vals, idx)  # heap order to (distance, index) order

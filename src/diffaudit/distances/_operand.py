@@ -68,13 +68,16 @@ def _int8_sq_norms(body: torch.Tensor) -> torch.Tensor:
     return partial.sum(-1, dtype=torch.float64).to(torch.int32)
 
 
+def exact_norm_sum(geom: Geometry, tol: float) -> float:
+    """Pairs whose squared norms sum below this have exact fast values (uint8 images at full float32
+    precision, or the integer pass; never under TF32 / bf16 float matmuls); 0 when none do."""
+    return EXACT_NORM_SUM if geom.raw_u8 and (geom.int8 or tol == FLOAT_REL_TOL) else 0.0
+
+
 def pair_band(qn: torch.Tensor, rn: torch.Tensor, geom: Geometry, tol: float) -> torch.Tensor:
     """Error bound (float64, broadcast shape of ``qn``, ``rn``) of fast values; 0 where they are provably exact."""
     total = qn.double() + rn.double()
-    band = tol * total
-    if geom.raw_u8 and (geom.int8 or tol == FLOAT_REL_TOL):  # never under TF32 / bf16 float matmuls
-        band = torch.where(total < EXACT_NORM_SUM, 0.0, band)
-    return band
+    return torch.where(total < exact_norm_sum(geom, tol), 0.0, tol * total)
 
 
 @dataclass
