@@ -11,19 +11,21 @@ Three metrics share one implementation:
 * ``"euclidean"``: plain Euclidean distance between feature vectors ``(N, D)``, no scaling and no
   normalization; this is what the distribution metrics (precision/recall, density/coverage) use.
 
-The fast path is the ``|a|^2 + |b|^2 - 2ab`` identity with a float32 (batched, one batch per tile)
-matmul. That identity cancels catastrophically for near-copies (two 3x512x512 images 0.75 vs
-0.75 + 1e-5 come out at 3.75e-3 instead of 1e-5), which are exactly what an audit looks for. So
-(1) both sets are centred on a reference mean first, which shrinks the norms that cancel, and
-(2) every distance that is returned, or compared with a threshold, and whose fast value is below
-``recompute_below`` or within the float32 error band, is recomputed from direct differences (integer
-arithmetic for uint8 images, float64 otherwise). Returned distances of :func:`nearest_neighbors` are always
-exact in that sense, and ties go to the lower index however many exact copies there are (see ``_knn``).
+The fast path is the ``|a|^2 + |b|^2 - 2ab`` identity with one matmul per tile (``_operand``). In float32
+that identity cancels catastrophically for near-copies (two 3x512x512 images 0.75 vs 0.75 + 1e-5 come out at
+3.75e-3 instead of 1e-5), which are exactly what an audit looks for. So (1) both sets are centred on a
+reference mean first, which shrinks the norms that cancel, and (2) every distance that is returned, or
+compared with a threshold, and whose fast value is below ``recompute_below`` or within the float32 error band,
+is recomputed from direct differences (integer arithmetic for uint8 images, float64 otherwise). uint8 images
+on a CPU with a fast int8 matmul (AMX / VNNI) take an exact integer pass instead (``x - 128`` is exactly int8),
+with nothing to recompute. Returned distances of :func:`nearest_neighbors` are always exact in that sense,
+and ties go to the lower index however many exact copies there are (``_knn_fused`` on the CPU, ``_knn`` on
+CUDA).
 
 Everything streams over blocks of rows, so 100,000 x 100,000 image searches run in memory bounded by the
 block sizes, not by N x M: the ``block`` arguments are upper bounds, and the engine may use smaller compute
-blocks chosen so the (tiles, bq, br) float32 product stays within ``_operand.FAST_TILE_BYTES`` (cache-sized).
-Reference sets whose matmul operand fits in ``REF_CACHE_BYTES`` are converted once and kept.
+blocks chosen so one (bq, br) product stays within ``_operand.FAST_TILE_BYTES``. Reference sets whose matmul
+operand fits in ``REF_CACHE_BYTES`` are converted once and kept.
 
 All public functions accept numpy arrays or torch tensors and return numpy arrays. They compute on the
 device of the first torch tensor argument (CUDA when the input lives there), the CPU for numpy arrays. On the

@@ -1,4 +1,5 @@
-"""Exact k nearest neighbours: a float32 fast pass that keeps every row that can still matter, then exact ranks.
+"""Exact k nearest neighbours with torch operations only: the path for CUDA tensors (the CPU uses the compiled
+selection of ``_knn_fused``). A float32 fast pass keeps every row that can still matter, then exact ranks.
 
 Correctness argument (what makes the result independent of block sizes, duplicates included):
 
