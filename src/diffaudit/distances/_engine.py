@@ -71,10 +71,11 @@ def _int8_matmul_is_faster() -> bool:
         return min(times)
 
     try:
+        exact = torch.equal(torch._int_mm(a, b.T).double(), af.double() @ bf.double().T)  # exact in float64
         t_int = best(lambda: torch._int_mm(a, b.T))
-    except RuntimeError:  # no int8 matmul kernel in this build
+    except (AttributeError, RuntimeError, NotImplementedError):  # no int8 matmul kernel in this torch build
         return False
-    return t_int < best(lambda: torch.matmul(af, bf.T))
+    return exact and t_int < best(lambda: torch.matmul(af, bf.T))
 
 
 def _use_int8(device: torch.device, u8: bool, tile_dim: int) -> bool:

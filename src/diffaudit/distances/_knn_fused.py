@@ -19,6 +19,8 @@ kept for CUDA tensors) reads it five or more times and cost several times the ma
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numba
 import numpy as np
 import torch
@@ -36,10 +38,25 @@ from diffaudit.distances._parallel import balanced_block, run_blocks
 
 # Use the fused selection for CPU inputs (tests switch it off to run the torch selection that CUDA uses).
 ENABLED = True
+
+
+def _jit(**options: object) -> Callable[[Callable], Callable]:
+    """numba.njit without the GIL, cached on disk where numba finds a writable place (next to this file, or
+    NUMBA_CACHE_DIR, or the user's cache directory), compiled in each process otherwise (about 0.7 s)."""
+
+    def decorate(fn: Callable) -> Callable:
+        try:
+            return numba.njit(nogil=True, cache=True, **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available" (read-only install, no home)
+            return numba.njit(nogil=True, **options)(fn)
+
+    return decorate
+
+
 _INT_MAX = np.iinfo(np.int64).max
 
 
-@numba.njit(nogil=True, cache=True)
+@_jit()
 def _sift_in(vals: np.ndarray, idx: np.ndarray, value: float, index: int) -> None:  # pragma: no cover - compiled
     """Replace the root of the max-heap (vals, idx), ordered by (value, index), with a smaller pair."""
     k = vals.shape[0]
@@ -61,7 +78,7 @@ def _sift_in(vals: np.ndarray, idx: np.ndarray, value: float, index: int) -> Non
     idx[pos] = index
 
 
-@numba.njit(nogil=True, cache=True)
+@_jit()
 def _select_exact(
     prod: np.ndarray,
     coef: int,
@@ -112,7 +129,7 @@ def _select_exact(
 _CHUNK = 256
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@_jit(inline="always")
 def _chunk_minima(bits: np.ndarray, lows: np.ndarray) -> None:  # pragma: no cover - compiled
     """lows[c] = min(bits[c * _CHUNK : (c + 1) * _CHUNK]) of an int32 row."""
     m = bits.shape[0]
@@ -129,7 +146,7 @@ def _chunk_minima(bits: np.ndarray, lows: np.ndarray) -> None:  # pragma: no cov
         lows[full // _CHUNK] = low
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@_jit(inline="always")
 def _bits_at_least(bound: float) -> np.int32:  # pragma: no cover - compiled
     """The int32 bit pattern of a float32 >= ``bound`` (>= 0): rounded up, +inf beyond the float32 range."""
     if bound >= 3.4e38:
@@ -137,7 +154,7 @@ def _bits_at_least(bound: float) -> np.int32:  # pragma: no cover - compiled
     return np.float32(bound * (1.0 + 1e-6)).view(np.int32)
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@_jit(inline="always")
 def _exact_sq(a: np.ndarray, b: np.ndarray, tile_of: np.ndarray, acc: np.ndarray) -> float:  # pragma: no cover
     """Exact raw squared distance of two raw rows (D,): float64 differences, summed per tile, max over tiles."""
     if acc.shape[0] == 1:  # one tile: a plain sum (4x faster than the per-tile bookkeeping, measured)
@@ -153,7 +170,7 @@ def _exact_sq(a: np.ndarray, b: np.ndarray, tile_of: np.ndarray, acc: np.ndarray
     return acc.max()
 
 
-@numba.njit(nogil=True, cache=True)
+@_jit()
 def _select_banded(
     prod: np.ndarray,
     qnorm: np.ndarray,
