@@ -32,8 +32,10 @@ FLOAT_REL_TOL = 1e-4
 # the selection (at most 2^-24 relative). A squared distance is at most 2 (|q|^2 + |r|^2), so this band covers
 # that rounding twice over.
 INT8_TOL = 2.0**-22
-# Largest tile length of the integer pass: squared distances (at most 255^2 per value) must fit in int32.
-MAX_INT8_TILE_DIM = (2**31 - 1) // (255 * 255)
+# Largest tile length of the integer pass: int8 dot products (at most 128^2 per value) must fit in int32.
+MAX_INT8_TILE_DIM = (2**31 - 1) // (128 * 128)
+# Longer tiles assemble squared distances (at most 255^2 per value) in int64 instead of int32.
+MAX_INT32_SQ_TILE_DIM = (2**31 - 1) // (255 * 255)
 # Force the integer fast pass on (True) or off (False); None decides once per process by measurement.
 INT8_FAST_PASS: bool | None = None
 

@@ -31,6 +31,7 @@ from diffaudit.distances._operand import (
     block_scratch,
     exact_norm_sum,
     fast_sq,
+    int8_dots,
     make_operand,
     plan_blocks,
 )
@@ -90,7 +91,7 @@ def _select_exact(
 ) -> None:  # pragma: no cover - compiled
     """Fold a block of exact values into the heaps: row j of query i scores ``ref_terms[j] + coef * prod[i, j]``.
 
-    prod (b, m) int32, query-major; ref_terms (m,) int64; base: index of the block's first reference row;
+    prod (b, m) int32 or int64, query-major; ref_terms (m,) int64; base: index of the block's first reference row;
     self_col (b,) int64: the column to skip for each query (its own row) or -1; vals, idx (b, k) int64 heaps.
     """
     b, m = prod.shape
@@ -287,8 +288,7 @@ def knn_sq_fused(
             own = np.arange(i0, i0 + b, dtype=np.int64) - j0
             self_col = np.where(exclude_self & (own >= 0) & (own < m), own, -1)
             if dot_only:  # the int8 dot products only; the pass adds |r|^2 (and |q|^2 at the end)
-                prod = pbuf[: b * m].view(b, m)
-                torch._int_mm(q.data[0], r.data[0].T, out=prod)
+                prod = int8_dots(q, r, pbuf)
                 _select_exact(prod.numpy(), -2, r.tile_norms[0].numpy().astype(np.int64), j0, self_col, vals, idx)
             elif geom.int8:  # tiles: the running maximum over tiles is the assembled exact distance
                 _, exact = fast_sq(q, r, geom, pbuf, selection_copy=False)

@@ -6,9 +6,10 @@ Two fast passes share one interface (:func:`make_operand`, :func:`fast_sq`, :cla
   ``[-2r, 1, |r|^2]``, so one matmul per tile gives ``|q|^2 + |r|^2 - 2 q.r``, within an error band of the
   exact value (``_engine.rel_tol``).
 * **int8** (uint8 images on a CPU whose int8 matmul is faster, ``Geometry.int8``): ``x - 128`` fits int8
-  exactly, an int8 x int8 -> int32 matmul is exact integer arithmetic, and so is
-  ``|q|^2 + |r|^2 - 2 q.r`` in int32 (tiles of at most ``MAX_INT8_TILE_DIM`` values). Every fast value is the
-  exact squared distance, so nothing is recomputed; it also ran 4-10x faster than the float32 matmul on
+  exactly, an int8 x int8 -> int32 matmul is exact integer arithmetic (tiles of at most
+  ``MAX_INT8_TILE_DIM`` = 131,071 values), and so is ``|q|^2 + |r|^2 - 2 q.r``, assembled in int32 up to
+  33,025 values per tile and in int64 beyond (a 3x512x512 image in 4x4 tiles has 49,152). Every fast value is
+  the exact squared distance, so nothing is recomputed; it also ran 4-11x faster than the float32 matmul on
   AMX/VNNI CPUs (docs/benchmarks_distances.md). The selection still reads a float32 copy of the product;
   its rounding above 2^24 is covered by ``_engine.INT8_TOL``.
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffaudit.distances._engine import FLOAT_REL_TOL, ArrayLike, Geometry, load, tile_view
+from diffaudit.distances._engine import FLOAT_REL_TOL, MAX_INT32_SQ_TILE_DIM, ArrayLike, Geometry, load, tile_view
 from diffaudit.distances._parallel import ThreadScratch
 
 # Bytes of the (bq, br) float32 fast-pass product (per tile): small enough to stay near the core between the
@@ -127,7 +128,7 @@ def make_operand(
         body = out[:, :b]
         _tile_copy(xb, geom, body)
         data = body.bitwise_xor_(128).view(torch.int8)  # uint8 v -> int8 v - 128: flip the top bit
-        norms = _int8_sq_norms(data)
+        norms = _int8_sq_norms(data).to(exact_dtype(geom))
         return Operand(data, norms.amax(0).to(torch.float32), norms)
     data = out[:, :b]
     body = data[:, :, : geom.tile_dim]
@@ -144,15 +145,41 @@ def make_operand(
     return Operand(data, norms.amax(0) if geom.tiles > 1 else norms[0])
 
 
-def product_buffer(geom: Geometry, bq: int, br: int) -> torch.Tensor:
-    """The reused buffer of :func:`fast_sq` for blocks of up to ``bq`` x ``br`` rows.
+def exact_dtype(geom: Geometry) -> torch.dtype:
+    """The integer pass's dtype for squared distances and norms: int32, or int64 for long tiles."""
+    return torch.int64 if geom.tile_dim > MAX_INT32_SQ_TILE_DIM else torch.int32
 
-    Float pass: the float32 product and, with tiles, a second one per tile. Integer pass (int32): the exact
-    product, a per-tile one with tiles, and the float32 copy the selection reads.
+
+@dataclass
+class ProductBuffers:
+    """Flat buffers of :func:`fast_sq`, reused for every block of up to ``bq`` x ``br`` rows.
+
+    ``acc``: the result (float32 on the float pass; exact :func:`exact_dtype` on the integer pass); ``tmp``:
+    one tile's product (tiles > 1); ``dots``: the int8 matmul's int32 output where the assembly is int64;
+    ``sel``: the float32 copy the selection reads (integer pass).
     """
-    parts = (2 if geom.tiles > 1 else 1) + (1 if geom.int8 else 0)
-    dtype = torch.int32 if geom.int8 else torch.float32
-    return torch.empty(parts * bq * br, dtype=dtype, device=geom.device)
+
+    acc: torch.Tensor
+    tmp: torch.Tensor | None
+    dots: torch.Tensor | None
+    sel: torch.Tensor | None
+
+
+def product_buffer(geom: Geometry, bq: int, br: int) -> ProductBuffers:
+    """The :class:`ProductBuffers` for blocks of up to ``bq`` x ``br`` rows."""
+    n = bq * br
+
+    def new(dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(n, dtype=dtype, device=geom.device)
+
+    dtype = exact_dtype(geom) if geom.int8 else torch.float32
+    wide = geom.int8 and dtype == torch.int64
+    return ProductBuffers(
+        acc=new(dtype),
+        tmp=new(dtype) if geom.tiles > 1 else None,
+        dots=new(torch.int32) if wide else None,
+        sel=new(torch.float32) if geom.int8 else None,
+    )
 
 
 def block_scratch(geom: Geometry, bq: int, br: int) -> ThreadScratch:
@@ -178,22 +205,23 @@ def query_from_ref(r: Operand, geom: Geometry, out: torch.Tensor) -> Operand:
 
 
 def fast_sq(
-    a: Operand, b: Operand, geom: Geometry, out: torch.Tensor, selection_copy: bool = True
+    a: Operand, b: Operand, geom: Geometry, out: ProductBuffers, selection_copy: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Fast raw squared distances (len a, len b) float32 (max over tiles, not clamped at 0), and the exact
-    int32 values of the integer pass (same layout; None for the float pass). ``selection_copy=False`` skips
-    the float32 copy of the integer pass (returned as None) for callers that read the exact values only.
+    values of the integer pass (same layout, :func:`exact_dtype`; None for the float pass).
+    ``selection_copy=False`` skips the float32 copy of the integer pass (returned as None) for callers that
+    read the exact values only.
 
     Callers pass the reference operand first for a reference-major product (reductions over groups of
-    reference rows then run over contiguous query rows). ``out`` is a :func:`product_buffer`. Tiles are one
-    large matmul each folded into a running maximum: the product never holds every tile at once, so blocks
-    can be tiles times larger (one (16, 64, 64) batched product of small matmuls was 4x slower per value
-    than 1024 x 1024 ones, and worse with 2 threads, where every small kernel pays for a barrier).
+    reference rows then run over contiguous query rows). Tiles are one large matmul each folded into a
+    running maximum: the product never holds every tile at once, so blocks can be tiles times larger (one
+    (16, 64, 64) batched product of small matmuls was 4x slower per value than 1024 x 1024 ones, and worse
+    with 2 threads, where every small kernel pays for a barrier).
     """
     n1, n2 = a.data.shape[1], b.data.shape[1]
     size = n1 * n2
-    acc = out[:size].view(n1, n2)
-    tmp = out[size : 2 * size].view(n1, n2) if geom.tiles > 1 else None
+    acc = out.acc[:size].view(n1, n2)
+    tmp = out.tmp[:size].view(n1, n2) if out.tmp is not None else None
     if not geom.int8:
         torch.matmul(a.data[0], b.data[0].T, out=acc)
         for t in range(1, geom.tiles):
@@ -202,17 +230,25 @@ def fast_sq(
         return acc, None
     for t in range(geom.tiles):
         dst = acc if t == 0 else tmp
-        torch._int_mm(a.data[t], b.data[t].T, out=dst)  # exact int32 dot products
-        torch.add(b.tile_norms[t][None, :], dst, alpha=-2, out=dst)
+        dots = dst if out.dots is None else out.dots[:size].view(n1, n2)
+        torch._int_mm(a.data[t], b.data[t].T, out=dots)  # exact int32 dot products
+        # In the norms' dtype (int64 for long tiles, where the squared distance leaves int32).
+        torch.add(b.tile_norms[t][None, :], dots, alpha=-2, out=dst)
         dst.add_(a.tile_norms[t][:, None])
         if t:
             torch.maximum(acc, tmp, out=acc)
     if not selection_copy:
         return None, acc
-    f0 = (2 if tmp is not None else 1) * size  # after the int32 product(s)
-    sq = out[f0 : f0 + size].view(torch.float32).view(n1, n2)
+    sq = out.sel[:size].view(n1, n2)
     sq.copy_(acc)
     return sq, acc
+
+
+def int8_dots(a: Operand, b: Operand, out: ProductBuffers) -> torch.Tensor:
+    """The int32 dot products (len a, len b) of one-tile integer operands (exact), in a buffer of ``out``."""
+    n1, n2 = a.data.shape[1], b.data.shape[1]
+    dots = (out.dots if out.dots is not None else out.acc)[: n1 * n2].view(n1, n2)
+    return torch._int_mm(a.data[0], b.data[0].T, out=dots)
 
 
 def plan_blocks(geom: Geometry, block_q: int, block_r: int) -> tuple[int, int]:
