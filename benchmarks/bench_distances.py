@@ -57,7 +57,10 @@ def _probe_rows(args: argparse.Namespace, skip: set[str]) -> str:
         cmd += ["--fast-pass", args.fast_pass, "--tiled-n", str(args.tiled_n), "--nn-q", str(args.nn_q)]
         cmd += ["--nn-r", str(args.nn_r), "--feat-n", str(args.feat_n), "--img-q", str(args.img_q)]
         cmd += ["--img-r", str(args.img_r)] + (["--sd-scale"] if args.sd_scale else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        # Every allocation of 1 MiB or more mapped on its own and returned on free: otherwise glibc may keep the
+        # warm-up call's pages (the reading then ranged 0.3-1,373 MiB for one row) or grow its arenas.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
         cells.append(f"{row} {out.split('PEAK_MIB')[1].split()[0]} MiB")
     return ", ".join(cells)
 

@@ -16,7 +16,7 @@ Two fast passes share one interface (:func:`make_operand`, :func:`fast_sq`, :cla
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,8 @@ from diffaudit.distances._parallel import ThreadScratch
 FAST_TILE_BYTES = 16 << 20
 # Most reference rows per compute block: the selection after the matmul works row by row on this many values.
 MAX_BLOCK_R = 2048
+# Bytes of one block's operand (query or streamed reference): bounds memory for large images.
+OPERAND_BYTES = 256 << 20
 
 # With uint8 images centred on an integer, every value, product and partial sum of the fused float32 dot
 # product is an integer; all are exact while the sum of absolute terms, at most 2 (|q|^2 + |r|^2), stays below
@@ -37,9 +39,27 @@ MAX_BLOCK_R = 2048
 EXACT_NORM_SUM = float(2**23)
 
 
+# Bytes of float32 temporaries of a norm pass: rows are taken in slices so that converting a whole cached
+# reference operand (393 MB of int8 for 500 images of 3x512x512) never makes a full-size float32 copy.
+_NORM_TEMP_BYTES = 32 << 20
+
+
+def _by_rows(norms: Callable[[torch.Tensor], torch.Tensor], body: torch.Tensor) -> torch.Tensor:
+    """``norms(body)`` (tiles, b) computed on slices of rows of ``body`` (tiles, b, n), bounding its temporaries."""
+    tiles, b, n = body.shape
+    step = max(1, _NORM_TEMP_BYTES // (4 * tiles * n))
+    if step >= b:
+        return norms(body)
+    return torch.cat([norms(body[:, i : i + step]) for i in range(0, b, step)], dim=1)
+
+
 def _sq_norms(body: torch.Tensor, geom: Geometry, step: int = 1) -> torch.Tensor:
     """Squared norms (tiles, b) float32 of the rows of ``body``; exact for uint8 images (integers, multiples of
     ``step`` squared: ``step`` = 2 for the reference side's -2 (r - c)), correctly rounded above 2^24."""
+    return _by_rows(lambda rows: _sq_norms_of(rows, geom, step), body)
+
+
+def _sq_norms_of(body: torch.Tensor, geom: Geometry, step: int) -> torch.Tensor:
     # Measured: mul + sum is 3x faster than linalg.vecdot, 2x faster than square() and 6x faster than a
     # float64 vector_norm (the float32 vector_norm is faster still, but its sqrt loses the exact integer).
     sq = torch.mul(body, body)
@@ -59,6 +79,10 @@ def _sq_norms(body: torch.Tensor, geom: Geometry, step: int = 1) -> torch.Tensor
 
 def _int8_sq_norms(body: torch.Tensor) -> torch.Tensor:
     """Exact squared norms (tiles, b) int32 of int8 rows ``body`` (tiles, b, n); n <= MAX_INT8_TILE_DIM."""
+    return _by_rows(_int8_sq_norms_of, body)
+
+
+def _int8_sq_norms_of(body: torch.Tensor) -> torch.Tensor:
     tiles, b, n = body.shape
     # Float32 sums of up to 1024 squares of int8 values (each <= 2^14) are integers <= 2^24: exact in any
     # order. A batched (1 x chunk) @ (chunk x 1) product computes them 2.3x faster than square + sum (measured,
@@ -251,13 +275,20 @@ def int8_dots(a: Operand, b: Operand, out: ProductBuffers) -> torch.Tensor:
     return torch._int_mm(a.data[0], b.data[0].T, out=dots)
 
 
-def plan_blocks(geom: Geometry, block_q: int, block_r: int) -> tuple[int, int]:
-    """Compute block sizes: at most the caller's (the memory bound), and the (br, bq) product within FAST_TILE_BYTES.
+def operand_row_bytes(geom: Geometry) -> int:
+    """Bytes of one row of an operand: tiles x tile_dim int8 values, or tiles x (tile_dim + 2) float32."""
+    return geom.tiles * (geom.tile_dim if geom.int8 else (geom.tile_dim + 2) * 4)
 
-    Tiles do not enter: :func:`fast_sq` folds them one at a time into a running maximum.
+
+def plan_blocks(geom: Geometry, block_q: int, block_r: int) -> tuple[int, int]:
+    """Compute block sizes: at most the caller's, each block's operand within OPERAND_BYTES (the memory bound:
+    2,048 rows of 3x512x512 float32 would be 6.4 GB), and the (bq, br) product within FAST_TILE_BYTES.
+
+    Tiles do not enter the product's size: :func:`fast_sq` folds them one at a time into a running maximum.
     """
-    br = min(block_r, MAX_BLOCK_R)
-    bq = min(block_q, max(16, FAST_TILE_BYTES // (4 * br)))
+    rows = max(16, OPERAND_BYTES // operand_row_bytes(geom))
+    br = min(block_r, MAX_BLOCK_R, rows)
+    bq = min(block_q, rows, max(16, FAST_TILE_BYTES // (4 * br)))
     return bq, br
 
 
@@ -272,8 +303,7 @@ class RefBlocks:
         self, ref: ArrayLike, geom: Geometry, center: torch.Tensor | None, block: int, cache_bytes: int
     ) -> None:
         self._ref, self._geom, self._center, self._block = ref, geom, center, block
-        per_row = geom.tiles * (geom.tile_dim if geom.int8 else (geom.tile_dim + 2) * 4)
-        self.cached = len(ref) * per_row <= cache_bytes
+        self.cached = len(ref) * operand_row_bytes(geom) <= cache_bytes
         rows = len(ref) if self.cached else min(block, len(ref))
         # Streamed blocks are converted into a buffer of the iterating thread (query blocks run in parallel).
         self._buf = ThreadScratch(lambda: operand_buffer(geom, rows))
