@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -45,12 +47,15 @@ def test_run_blocks_restores_threads_and_reraises(two_threads) -> None:
     seen = []
 
     def work(s: int) -> None:
+        if s == 3:
+            time.sleep(0.3)  # still running when block 2 fails
         seen.append((s, torch.get_num_threads()))
         if s == 2:
             raise ValueError("block 2")
 
     with pytest.raises(ValueError, match="block 2"):
         run_blocks([0, 1, 2, 3], work, torch.device("cpu"))
+    assert sorted(s for s, _ in seen) == [0, 1, 2, 3]  # every block ended before the error was raised
     assert torch.get_num_threads() == 2
     assert all(threads == 1 for _, threads in seen)  # intra-op threads off while blocks run in parallel
 

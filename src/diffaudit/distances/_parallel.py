@@ -17,7 +17,7 @@ import math
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -65,8 +65,10 @@ def run_blocks(starts: list[int], work: Callable[[int], Any], device: torch.devi
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for _ in _pool(workers).map(work, starts):  # in order; re-raises the first failure
-            pass
+        futures = [_pool(workers).submit(work, s) for s in starts]
+        wait(futures)  # every block ends before this returns or raises (no stray writes after an error)
+        for f in futures:
+            f.result()  # re-raises the first failure, in block order
     finally:
         torch.set_num_threads(threads)
 
