@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffaudit.distances._engine import ArrayLike, Geometry, center_of, exact_pairs, load, rel_tol
-from diffaudit.distances._operand import RefBlocks, block_scratch, fast_sq, make_operand, pair_band, plan_blocks
+from diffaudit.distances._engine import ArrayLike, Geometry, exact_pairs
+from diffaudit.distances._operand import Comparison, fast_sq, pair_band, plan_blocks
 from diffaudit.distances._parallel import balanced_block, run_blocks
 
 # Reference rows per group of the two-level selection. The fast product is laid out reference-major (br, bq),
@@ -306,20 +306,16 @@ def knn_sq(
     bq_max, br = plan_blocks(geom, block_q, block_r)
     dev = geom.device
     bq = balanced_block(len(query), bq_max, dev)
-    center = center_of(ref, geom, min(br, len(ref)))
-    refs = RefBlocks(ref, geom, center, br, cache_bytes)
-    tol = rel_tol(geom)
-    scratch = block_scratch(geom, min(bq, len(query)), min(br, len(ref)))
+    cmp = Comparison(ref, len(query), geom, bq, br, cache_bytes)
+    tol = cmp.tol
     # Candidates per query before an early exact prune: room for the k plus a block's worth of near-ties.
     cap = 2 * k + 64
     out_sq = torch.empty((len(query), k), dtype=torch.float64, device=dev)
     out_idx = torch.empty((len(query), k), dtype=torch.int64, device=dev)
 
     def query_block(i0: int) -> None:
-        qbuf, pbuf = scratch.get()
-        qb = load(query, slice(i0, i0 + bq), geom, "query")
+        qb, q, pbuf = cmp.query(query, i0, "query")
         b = len(qb)
-        q = make_operand(qb, geom, center, "query", qbuf)
 
         def exact(qi: torch.Tensor, rj: torch.Tensor) -> torch.Tensor:
             return exact_pairs(query, qi + i0, ref, rj, geom)
@@ -327,7 +323,7 @@ def knn_sq(
         cands = _Candidates(b, k, dev, exact)
         bound = _RunningBound(b, k, dev)
         rmax, seen = 0.0, 0
-        for j0, r in refs:
+        for j0, r in cmp.refs:
             m = r.data.shape[1]
             rmax = max(rmax, float(r.norm.max()))
             band = pair_band(q.norm, torch.tensor(rmax), geom, tol)  # (b,): widest band of each query so far

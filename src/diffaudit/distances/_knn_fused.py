@@ -25,14 +25,12 @@ import numba
 import numpy as np
 import torch
 
-from diffaudit.distances._engine import ArrayLike, Geometry, center_of, load, rel_tol
+from diffaudit.distances._engine import ArrayLike, Geometry, load
 from diffaudit.distances._operand import (
-    RefBlocks,
-    block_scratch,
+    Comparison,
     exact_norm_sum,
     fast_sq,
     int8_dots,
-    make_operand,
     plan_blocks,
 )
 from diffaudit.distances._parallel import balanced_block, run_blocks
@@ -263,27 +261,23 @@ def knn_sq_fused(
     """
     bq_max, br = plan_blocks(geom, block_q, block_r)
     bq = balanced_block(len(query), bq_max, geom.device)
-    center = center_of(ref, geom, min(br, len(ref)))
-    refs = RefBlocks(ref, geom, center, br, cache_bytes)
-    scratch = block_scratch(geom, min(bq, len(query)), min(br, len(ref)))
-    tol = rel_tol(geom)
+    cmp = Comparison(ref, len(query), geom, bq, br, cache_bytes)
+    tol = cmp.tol
+    exact_sum = exact_norm_sum(geom, tol)
     tile_of = _tile_of(geom)
     out_sq = torch.empty((len(query), k), dtype=torch.float64)
     out_idx = torch.empty((len(query), k), dtype=torch.int64)
     dot_only = geom.int8 and geom.tiles == 1
 
     def query_block(i0: int) -> None:
-        qbuf, pbuf = scratch.get()
-        qb = load(query, slice(i0, i0 + bq), geom, "query")
-        q = make_operand(qb, geom, center, "query", qbuf)
+        qb, q, pbuf = cmp.query(query, i0, "query")
         b = len(qb)
         # Unfilled heap slots: (largest value, largest index), behind every real pair.
         vals = np.full((b, k), _INT_MAX, dtype=np.int64) if geom.int8 else np.full((b, k), np.inf)
         idx = np.full((b, k), _INT_MAX, dtype=np.int64)
         qraw = None if geom.int8 else qb.reshape(b, -1).numpy()
         qnorm = q.norm.double().numpy()
-        exact_sum = exact_norm_sum(geom, tol)
-        for j0, r in refs:
+        for j0, r in cmp.refs:
             m = r.data.shape[1]
             own = np.arange(i0, i0 + b, dtype=np.int64) - j0
             self_col = np.where(exclude_self & (own >= 0) & (own < m), own, -1)

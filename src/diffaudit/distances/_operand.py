@@ -21,7 +21,16 @@ from dataclasses import dataclass
 
 import torch
 
-from diffaudit.distances._engine import FLOAT_REL_TOL, MAX_INT32_SQ_TILE_DIM, ArrayLike, Geometry, load, tile_view
+from diffaudit.distances._engine import (
+    FLOAT_REL_TOL,
+    MAX_INT32_SQ_TILE_DIM,
+    ArrayLike,
+    Geometry,
+    center_of,
+    load,
+    rel_tol,
+    tile_view,
+)
 from diffaudit.distances._parallel import ThreadScratch
 
 # Bytes of one (bq, br) float32 fast-pass product. Larger blocks amortise the per-block work around the matmul:
@@ -327,3 +336,28 @@ class RefBlocks:
             return iter(self._blocks)
         buf = self._buf.get()
         return ((j0, make_operand(rb, self._geom, self._center, "ref", buf)) for j0, rb in self._raw_blocks())
+
+
+class Comparison:
+    """What every blocked comparison of query rows against ``ref`` sets up once per call: the shared centre,
+    the reference blocks, the error band ``tol``, and each worker thread's scratch buffers for query blocks of
+    up to ``bq`` rows against reference blocks of ``br`` rows."""
+
+    def __init__(self, ref: ArrayLike, n_query: int, geom: Geometry, bq: int, br: int, cache_bytes: int) -> None:
+        self.geom = geom
+        self.center = center_of(ref, geom, min(br, len(ref)))
+        self.refs = RefBlocks(ref, geom, self.center, br, cache_bytes)
+        self.tol = rel_tol(geom)
+        self._bq = bq
+        self._scratch = block_scratch(geom, min(bq, n_query), min(br, len(ref)))
+
+    def scratch(self) -> tuple[torch.Tensor, ProductBuffers]:
+        """This thread's query operand buffer and product buffers."""
+        return self._scratch.get()
+
+    def query(self, x: ArrayLike, i0: int, name: str) -> tuple[torch.Tensor, Operand, ProductBuffers]:
+        """The query block starting at row ``i0`` of ``x``: its rows in raw units (b, *row), its operand in this
+        thread's buffer, and this thread's product buffers."""
+        qbuf, pbuf = self._scratch.get()
+        qb = load(x, slice(i0, i0 + self._bq), self.geom, name)
+        return qb, make_operand(qb, self.geom, self.center, "query", qbuf), pbuf

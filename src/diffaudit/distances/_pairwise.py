@@ -5,13 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffaudit.distances._engine import ArrayLike, Geometry, center_of, exact_pairs, load, rel_tol
+from diffaudit.distances._engine import ArrayLike, Geometry, exact_pairs
 from diffaudit.distances._knn import select_le
 from diffaudit.distances._operand import (
-    RefBlocks,
-    block_scratch,
+    Comparison,
     fast_sq,
-    make_operand,
     pair_band,
     plan_blocks,
     query_from_ref,
@@ -36,20 +34,18 @@ def pairwise_matrix(
         bq = br = balanced_block(len(x), min(bq, br), dev, blocks_per_worker=2)
     else:
         bq = balanced_block(len(x), bq, dev)
-    center = center_of(y, geom, min(br, len(y)))
-    refs = RefBlocks(y, geom, center, br, cache_bytes)
-    tol = rel_tol(geom)
-    scratch = block_scratch(geom, min(bq, len(x)), min(br, len(y)))
+    cmp = Comparison(y, len(x), geom, bq, br, cache_bytes)
+    refs, tol = cmp.refs, cmp.tol
     out = np.empty((len(x), len(y)), dtype=np.float32)
     thr_raw = float(recompute_below) ** 2 / geom.scale
 
     def query_block(i0: int) -> None:
-        qbuf, pbuf = scratch.get()
         same = refs.cached_block(i0) if symmetric else None
         if same is not None:
+            qbuf, pbuf = cmp.scratch()
             q = query_from_ref(same, geom, qbuf)
         else:
-            q = make_operand(load(x, slice(i0, i0 + bq), geom, "x"), geom, center, "query", qbuf)
+            _, q, pbuf = cmp.query(x, i0, "x")
         for j0, r in refs:
             if symmetric and j0 + br <= i0:
                 continue  # filled from the mirrored block
@@ -97,23 +93,18 @@ def count_within(
     bq = balanced_block(len(query), bq, dev)
     radii64 = radii64.to(dev)
     radii_sq = radii64 * radii64 / geom.scale  # raw units, float64
-    center = center_of(ref, geom, min(br, len(ref)))
-    refs = RefBlocks(ref, geom, center, br, cache_bytes)
-    tol = rel_tol(geom)
-    scratch = block_scratch(geom, min(bq, len(query)), min(br, len(ref)))
+    cmp = Comparison(ref, len(query), geom, bq, br, cache_bytes)
     counts = torch.zeros(len(query), dtype=torch.int64, device=dev)
 
     def query_block(i0: int) -> None:
-        qbuf, pbuf = scratch.get()
-        qb = load(query, slice(i0, i0 + bq), geom, "query")
-        q = make_operand(qb, geom, center, "query", qbuf)
+        _, q, pbuf = cmp.query(query, i0, "query")
         qmax = float(q.norm.max())
-        for j0, r in refs:
+        for j0, r in cmp.refs:
             sq, exact_sq = fast_sq(r, q, geom, pbuf)  # (m, b), reference-major
             r2 = radii_sq[j0 : j0 + sq.shape[0]]
             # Per reference row: below `lower` is surely inside, above `upper` surely outside, in between is
             # decided exactly. The margin also covers the float32 rounding of the squared radii themselves.
-            margin = tol * (qmax + r.norm.double()) + 1e-6 * r2
+            margin = cmp.tol * (qmax + r.norm.double()) + 1e-6 * r2
             lower = (r2 - margin).to(torch.float32)[:, None]
             upper = (r2 + margin).to(torch.float32)[:, None]
             c = (sq < lower).sum(0)
